@@ -1,0 +1,90 @@
+"""PaiNN: polarizable atom interaction neural network (Schütt, Unke, Gastegger, ICML 2021)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import Backbone, BackboneOutput, BesselBasis, cosine_cutoff, mlp, scatter_sum
+
+
+@dataclass
+class PaiNNHyperparameters:
+    """num_features: width of scalar and vector channels; num_layers: message-passing blocks;
+    num_radial: Bessel functions; readout_hidden: width of the energy MLP (0: num_features//2);
+    avg_num_neighbors: messages are divided by this (1 = plain PaiNN sum)."""
+
+    num_features: int = 64
+    num_layers: int = 3
+    num_radial: int = 20
+    readout_hidden: int = 0
+    avg_num_neighbors: float = 1.0
+
+
+class PaiNNMessage(nn.Module):
+    def __init__(self, f: int, num_radial: int, cutoff: float):
+        super().__init__()
+        self.f = f
+        self.cutoff = cutoff
+        self.phi = mlp([f, f, 3 * f])
+        self.filter = nn.Linear(num_radial, 3 * f)
+
+    def forward(self, s, v, edge_index, unit, rbf, fcut, norm):
+        i, j = edge_index
+        x = self.phi(s)[j] * self.filter(rbf) * fcut.unsqueeze(-1)
+        a_vv, a_s, a_vs = torch.split(x, self.f, dim=-1)
+        dv = v[j] * a_vv.unsqueeze(1) + a_vs.unsqueeze(1) * unit.unsqueeze(-1)
+        n = s.shape[0]
+        return s + scatter_sum(a_s, i, n) / norm, v + scatter_sum(dv, i, n) / norm
+
+
+class PaiNNUpdate(nn.Module):
+    def __init__(self, f: int):
+        super().__init__()
+        self.f = f
+        self.U = nn.Linear(f, f, bias=False)
+        self.V = nn.Linear(f, f, bias=False)
+        self.a = mlp([2 * f, f, 3 * f])
+
+    def forward(self, s, v):
+        uv, vv = self.U(v), self.V(v)  # (N, 3, F)
+        vnorm = torch.sqrt((vv * vv).sum(dim=1) + 1e-8)
+        a_vv, a_sv, a_ss = torch.split(self.a(torch.cat([s, vnorm], dim=-1)), self.f, dim=-1)
+        return s + a_sv * (uv * vv).sum(dim=1) + a_ss, v + a_vv.unsqueeze(1) * uv
+
+
+class PaiNN(Backbone):
+    """Scalar features (N, F) and vector features (N, F, 3); energy from an MLP on the scalars."""
+
+    name = "painn"
+    Hyperparameters = PaiNNHyperparameters
+
+    def __init__(self, num_species: int, cutoff: float, hparams: PaiNNHyperparameters):
+        super().__init__(num_species, cutoff, hparams)
+        f = hparams.num_features
+        self.num_scalars = self.num_vectors = f
+        self.embedding = nn.Embedding(num_species, f)
+        self.rbf = BesselBasis(hparams.num_radial, cutoff)
+        self.messages = nn.ModuleList(
+            PaiNNMessage(f, hparams.num_radial, cutoff) for _ in range(hparams.num_layers)
+        )
+        self.updates = nn.ModuleList(PaiNNUpdate(f) for _ in range(hparams.num_layers))
+        h = hparams.readout_hidden or max(f // 2, 1)
+        self.readout = mlp([f, h, 1])
+
+    def forward(self, species, edge_index, edge_vectors, batch, num_graphs) -> BackboneOutput:
+        r = torch.linalg.norm(edge_vectors, dim=-1)
+        unit = edge_vectors / r.unsqueeze(-1)
+        rbf = self.rbf(r)
+        fcut = cosine_cutoff(r, self.cutoff)
+        s = self.embedding(species)
+        v = s.new_zeros(s.shape[0], 3, s.shape[1])
+        norm = self.hparams.avg_num_neighbors
+        for message, update in zip(self.messages, self.updates):
+            s, v = message(s, v, edge_index, unit, rbf, fcut, norm)
+            s, v = update(s, v)
+        return BackboneOutput(
+            scalars=s, vectors=v.transpose(1, 2), atomic_energy=self.readout(s).squeeze(-1)
+        )

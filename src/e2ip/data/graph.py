@@ -1,0 +1,129 @@
+"""Atomic graphs and batching.
+
+A batch of B structures with N atoms and E directed edges in all is one :class:`AtomicGraph`.
+Edge e goes from atom `edge_index[0, e]` (centre i) to atom `edge_index[1, e]` (neighbour j) with
+vector `positions[j] - positions[i] + shifts[e] @ cell[batch[i]]` (Å).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from .neighbors import neighbor_list
+from .structures import Structure
+
+
+@dataclass
+class AtomicGraph:
+    numbers: torch.Tensor  # (N,) long, atomic numbers
+    positions: torch.Tensor  # (N, 3) Å
+    cell: torch.Tensor  # (B, 3, 3) Å
+    edge_index: torch.Tensor  # (2, E) long
+    shifts: torch.Tensor  # (E, 3) integer lattice shifts, stored as float
+    batch: torch.Tensor  # (N,) long, structure of each atom
+    n_atoms: torch.Tensor  # (B,) long
+    energy: torch.Tensor | None = None  # (B,) eV
+    forces: torch.Tensor | None = None  # (N, 3) eV/Å
+
+    @property
+    def num_graphs(self) -> int:
+        return int(self.n_atoms.shape[0])
+
+    def to(self, device=None, dtype=None) -> AtomicGraph:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                out[f.name] = None
+            elif v.is_floating_point():
+                out[f.name] = v.to(device=device, dtype=dtype or v.dtype)
+            else:
+                out[f.name] = v.to(device=device)
+        return AtomicGraph(**out)
+
+    def edge_vectors(self, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(E, 3) edge vectors r_j - r_i + shift (differentiable in `positions`)."""
+        pos = self.positions if positions is None else positions
+        i, j = self.edge_index
+        vec = pos[j] - pos[i]
+        if self.shifts.numel():
+            cell_e = self.cell[self.batch[i]]
+            vec = vec + torch.einsum("ek,ekl->el", self.shifts.to(pos.dtype), cell_e.to(pos.dtype))
+        return vec
+
+
+@dataclass
+class _GraphRecord:
+    numbers: np.ndarray
+    positions: np.ndarray
+    cell: np.ndarray
+    edge_index: np.ndarray
+    shifts: np.ndarray
+    energy: float | None
+    forces: np.ndarray | None
+
+
+def structure_to_graph(s: Structure, cutoff: float) -> _GraphRecord:
+    i, j, shifts = neighbor_list(s.positions, s.cell, s.pbc, cutoff)
+    return _GraphRecord(
+        numbers=s.numbers,
+        positions=s.positions,
+        cell=s.cell if np.any(s.pbc) else np.zeros((3, 3)),
+        edge_index=np.stack([i, j]),
+        shifts=shifts,
+        energy=s.energy,
+        forces=s.forces,
+    )
+
+
+def collate(records: Sequence[_GraphRecord], dtype: torch.dtype = torch.get_default_dtype()) -> AtomicGraph:
+    """Batch graph records into one :class:`AtomicGraph`."""
+    offsets = np.cumsum([0] + [len(r.numbers) for r in records[:-1]])
+    n_atoms = torch.tensor([len(r.numbers) for r in records], dtype=torch.long)
+    has_energy = all(r.energy is not None for r in records)
+    has_forces = all(r.forces is not None for r in records)
+    return AtomicGraph(
+        numbers=torch.from_numpy(np.concatenate([r.numbers for r in records])).long(),
+        positions=torch.from_numpy(np.concatenate([r.positions for r in records])).to(dtype),
+        cell=torch.from_numpy(np.stack([r.cell for r in records])).to(dtype),
+        edge_index=torch.from_numpy(
+            np.concatenate([r.edge_index + o for r, o in zip(records, offsets)], axis=1)
+        ).long(),
+        shifts=torch.from_numpy(np.concatenate([r.shifts for r in records])).to(dtype),
+        batch=torch.repeat_interleave(torch.arange(len(records)), n_atoms),
+        n_atoms=n_atoms,
+        energy=torch.tensor([r.energy for r in records], dtype=dtype) if has_energy else None,
+        forces=torch.from_numpy(np.concatenate([r.forces for r in records])).to(dtype)
+        if has_forces else None,
+    )
+
+
+class GraphDataset(torch.utils.data.Dataset):
+    """Structures with their neighbour lists computed once (positions are fixed in training)."""
+
+    def __init__(self, structures: Sequence[Structure], cutoff: float):
+        self.structures = list(structures)
+        self.cutoff = cutoff
+        self.records = [structure_to_graph(s, cutoff) for s in self.structures]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, k: int) -> _GraphRecord:
+        return self.records[k]
+
+    def loader(self, batch_size: int, shuffle: bool = False, dtype=torch.float32, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        return torch.utils.data.DataLoader(
+            self, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None,
+            collate_fn=lambda recs: collate(recs, dtype),
+        )
+
+
+def graph_from_structures(structures: Sequence[Structure], cutoff: float,
+                          dtype: torch.dtype = torch.float32) -> AtomicGraph:
+    return collate([structure_to_graph(s, cutoff) for s in structures], dtype)

@@ -1,0 +1,55 @@
+"""Train/validation/test splits and per-element reference energies."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .structures import DataError, Structure
+
+
+def split_by_fractions(structures: Sequence[Structure], fractions: Sequence[float], seed: int = 0):
+    """Shuffle with `seed` and cut into len(fractions) parts (fractions sum to <= 1)."""
+    if any(f < 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
+        raise DataError(f"split fractions {list(fractions)} must be >= 0 and sum to <= 1")
+    n = len(structures)
+    perm = np.random.default_rng(seed).permutation(n)
+    counts = [int(round(f * n)) for f in fractions]
+    out, start = [], 0
+    for c in counts:
+        out.append([structures[k] for k in perm[start:start + c]])
+        start += c
+    return out
+
+
+def fit_reference_energies(structures: Sequence[Structure], elements: Sequence[int]) -> np.ndarray:
+    """Least-squares per-element energies E0[z] (eV) with E ~ sum_i E0[z_i]; shape (len(elements),).
+
+    When the composition does not vary (one molecule), the system is rank-deficient and the minimum
+    norm solution is returned: it still removes the mean energy.
+    """
+    index = {int(z): k for k, z in enumerate(elements)}
+    counts = np.zeros((len(structures), len(elements)))
+    energies = np.zeros(len(structures))
+    for r, s in enumerate(structures):
+        for z in s.numbers:
+            counts[r, index[int(z)]] += 1
+        energies[r] = s.energy
+    sol, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    return sol
+
+
+def reference_energies_from_file(path, elements: Sequence[int]) -> np.ndarray:
+    """Per-element energies from a file of isolated atoms (one atom per frame, eV)."""
+    from .readers import read_structures
+
+    atoms = read_structures(path, require_forces=False)
+    table = {}
+    for s in atoms:
+        if s.n_atoms == 1:
+            table[int(s.numbers[0])] = s.energy
+    missing = [z for z in elements if int(z) not in table]
+    if missing:
+        raise DataError(f"{path}: no isolated-atom energy for element(s) {missing}")
+    return np.array([table[int(z)] for z in elements])

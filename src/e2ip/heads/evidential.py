@@ -1,0 +1,120 @@
+"""The e2IP head: Normal-Inverse-Wishart evidence with an equivariant SPD scale expm(A) (SPEC 1-5)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..backbones.base import BackboneOutput, mlp
+from ..losses import niw_nll, niw_regularizer
+from ..predictive import StudentT
+from .base import FeatureDims, Head
+from .spd import damp_norm, damp_scalar, expm_symmetric, l2_basis, l2_to_matrix, sym_outer_l2
+
+D = 3
+
+
+@dataclass
+class E2IPHyperparameters:
+    """hidden: width of the scalar MLP; tensor_channels: number of 2e channels mixed into c2
+    (outer products of vector mixes for PaiNN-like backbones); damping and its thresholds
+    (tau0, cmax0 scalar; tau2, cmax2 tensor norm); kappa_min, nu_margin (SPEC 3);
+    reg_weight: lambda of the evidence regulariser; nll_weight: weight of the NLL."""
+
+    hidden: int = 64
+    tensor_channels: int = 8
+    damping: bool = True
+    tau0: float = 4.0
+    cmax0: float = 5.0
+    tau2: float = 4.0
+    cmax2: float = 5.0
+    kappa_min: float = 1e-6
+    nu_margin: float = 1.0
+    reg_weight: float = 0.01
+    nll_weight: float = 1.0
+
+
+class E2IPHead(Head):
+    """Per atom: c0 (0e), c2 (2e), evidence kappa and nu; Sigma0 = expm((s_ref + c0') I + T(c2')).
+
+    The 2e part is read from the backbone's native ``2e`` features when it has them, otherwise
+    built from vector features as sym(sum_k a_k (x) b_k) with a = W1 v, b = W2 v (SPEC 1).
+    Channels are combined with invariant gates from the scalars, which keeps equivariance.
+    """
+
+    name = "e2ip"
+    Hyperparameters = E2IPHyperparameters
+
+    def __init__(self, dims: FeatureDims, force_scale: float, hparams: E2IPHyperparameters):
+        super().__init__(dims, force_scale, hparams)
+        k = hparams.tensor_channels
+        self.use_native_l2 = dims.num_tensors > 0
+        if self.use_native_l2:
+            self.mix_l2 = nn.Linear(dims.num_tensors, k, bias=False)
+        elif dims.num_vectors > 0:
+            self.mix_a = nn.Linear(dims.num_vectors, k, bias=False)
+            self.mix_b = nn.Linear(dims.num_vectors, k, bias=False)
+        else:
+            raise ValueError("the e2IP head needs vector (1o) or tensor (2e) features from the backbone")
+        self.scalar_mlp = mlp([dims.num_scalars, hparams.hidden, 3 + k])
+        last = self.scalar_mlp[-1]
+        with torch.no_grad():  # start at Sigma0 ~ sigma_F^2 I and moderate evidence
+            last.weight.mul_(0.1)
+            last.bias.zero_()
+        self.register_buffer("basis", l2_basis(torch.get_default_dtype()))
+        self.s_ref = 2.0 * math.log(self.force_scale)
+
+    def forward(self, features: BackboneOutput) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        out = self.scalar_mlp(features.scalars)
+        c0, z_kappa, z_nu = out[:, 0], out[:, 1], out[:, 2]
+        gates = out[:, 3:]
+        basis = self.basis.to(features.scalars.dtype)
+        if self.use_native_l2:
+            t = self.mix_l2(features.tensors.transpose(1, 2)).transpose(1, 2)  # (N, K, 5)
+        else:
+            v = features.vectors.transpose(1, 2)  # (N, 3, F)
+            a = self.mix_a(v).transpose(1, 2)  # (N, K, 3)
+            b = self.mix_b(v).transpose(1, 2)
+            t = sym_outer_l2(a, b, basis)  # (N, K, 5)
+        c2 = (gates.unsqueeze(-1) * t).sum(1)
+        if hp.damping:
+            c0 = damp_scalar(c0, hp.tau0, hp.cmax0)
+            c2 = damp_norm(c2, hp.tau2, hp.cmax2)
+        eye = torch.eye(D, dtype=c2.dtype, device=c2.device)
+        a_mat = (self.s_ref + c0)[:, None, None] * eye + l2_to_matrix(c2, basis)
+        kappa = nn.functional.softplus(z_kappa) + hp.kappa_min
+        nu = nn.functional.softplus(z_nu) + D + 1 + hp.nu_margin
+        return {"A": a_mat, "c0": c0, "c2": c2, "kappa": kappa, "nu": nu}
+
+    def loss(self, params, forces, forces_ref):
+        hp = self.hparams
+        error = forces_ref - forces
+        a_mat, kappa, nu = params["A"], params["kappa"], params["nu"]
+        trace_a = a_mat.diagonal(dim1=-2, dim2=-1).sum(-1)
+        nll = niw_nll(error, trace_a, expm_symmetric(-a_mat), kappa, nu)
+        reg = niw_regularizer(error, kappa, nu, self.force_scale)
+        return {"loss": hp.nll_weight * nll + hp.reg_weight * reg, "nll": nll, "reg": reg}
+
+    def sigma0(self, params) -> torch.Tensor:
+        return expm_symmetric(params["A"])
+
+    def predictive(self, params, forces) -> StudentT:
+        a_mat, kappa, nu = params["A"], params["kappa"], params["nu"]
+        nu_pred = nu - D + 1
+        factor = (kappa + 1) * nu / (kappa * nu_pred)
+        scale = factor[:, None, None] * expm_symmetric(a_mat)
+        scale_inv = expm_symmetric(-a_mat) / factor[:, None, None]
+        logdet = a_mat.diagonal(dim1=-2, dim2=-1).sum(-1) + D * torch.log(factor)
+        return StudentT(forces, scale, nu_pred, scale_inv=scale_inv, logdet=logdet)
+
+    def covariances(self, params, forces):
+        sigma0 = self.sigma0(params)
+        kappa, nu = params["kappa"], params["nu"]
+        aleatoric = (nu / (nu - D - 1))[:, None, None] * sigma0
+        epistemic = aleatoric / kappa[:, None, None]
+        return {"aleatoric": aleatoric, "epistemic": epistemic, "predictive": aleatoric + epistemic,
+                "sigma0": sigma0}

@@ -1,0 +1,1 @@
+"""Training: configuration schema, Lightning module, the `e2ip train` job."""

@@ -1,0 +1,264 @@
+"""The run configuration: one YAML file, validated on load.
+
+An unknown or misspelt key, a wrong type or a missing file is a one-line :class:`ConfigError`
+naming the key or path. Command-line overrides use `section.key=value` (value parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key or path."""
+
+
+@dataclass
+class DataConfig:
+    """train: data file (None: the built-in demo set); validation/test: separate files, else cut
+    from `train` by `split` (fractions train/validation/test, shuffled with `seed`);
+    n_train/n_validation: caps on the number of structures; energy_key/forces_key: extxyz keys;
+    energy_unit/length_unit: units in the files (None: eV/Å for xyz, kcal/mol/Å for npz);
+    reference_energies: 'fit' (least squares on train), 'zero', or an isolated-atoms file;
+    report_units: energy unit of reported metrics ('eV' or 'kcal/mol')."""
+
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    n_train: int | None = None
+    n_validation: int | None = None
+    seed: int = 0
+    energy_key: str = "energy"
+    forces_key: str = "forces"
+    energy_unit: str | None = None
+    length_unit: str | None = None
+    reference_energies: str = "fit"
+    batch_size: int = 8
+    eval_batch_size: int = 32
+    report_units: str = "eV"
+
+
+@dataclass
+class ModelConfig:
+    """backbone: painn | tensor_product | alphanet; head: e2ip | eip | cholesky | none;
+    cutoff in Å; dtype float32 | float64. Backbone hyperparameters go in a sub-section named
+    after the backbone (e.g. `model.painn.num_features`)."""
+
+    backbone: str = "painn"
+    head: str = "e2ip"
+    cutoff: float = 5.0
+    dtype: str = "float32"
+    backbone_options: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class TrainingConfig:
+    """Loss weights: energy_weight on the per-atom energy MSE (in units of sigma_F^2),
+    force_weight on the head's per-atom loss (NLL + reg for uncertainty heads, MSE otherwise),
+    mse_weight on an extra force MSE for uncertainty heads. max_time in minutes (None: no limit).
+    ema_decay: exponential moving average of the weights used for validation and the saved
+    model (None: off). patience: early stopping on the validation loss (epochs)."""
+
+    max_epochs: int = 200
+    max_time: float | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    energy_weight: float = 1.0
+    force_weight: float = 1.0
+    mse_weight: float = 1.0
+    grad_clip: float | None = 10.0
+    ema_decay: float | None = 0.99
+    patience: int = 40
+    scheduler_patience: int = 10
+    scheduler_factor: float = 0.5
+    min_lr: float = 1e-5
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_threads: int | None = None
+    progress_bar: bool = True
+    tensorboard: bool = False
+
+
+@dataclass
+class EnsembleConfig:
+    """size: number of members (1: a single model); members differ in seed (and data order)."""
+
+    size: int = 1
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: dict[str, Any] = field(default_factory=dict)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        options = out["model"].pop("backbone_options")
+        out["model"].update(options)
+        return out
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig,
+             "ensemble": EnsembleConfig}
+
+
+def _type_ok(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _unknown(key: str, known, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], list(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown key '{where}{key}'{hint}")
+
+
+def _build_section(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"'{where.rstrip('.')}' must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown(key, names, where)
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(
+                f"'{where}{key}' must be {_type_name(hints[key])}, got {value!r}"
+            )
+        if hints[key] is float and isinstance(value, int):
+            value = float(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _validate_options(hp_cls, options: dict, where: str) -> None:
+    """Check a hyperparameter dict against a dataclass (keys and types)."""
+    _build_section(hp_cls, options, where)
+
+
+def config_from_dict(raw: dict | None) -> Config:
+    """Validate a nested dict (as read from YAML) into a :class:`Config`."""
+    from ..backbones import BACKBONES
+    from ..heads import HEADS
+
+    raw = dict(raw or {})
+    known = set(_SECTIONS) | {"head"}
+    for key in raw:
+        if key not in known:
+            raise _unknown(key, known, "")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        values = dict(raw.get(name) or {})
+        if name == "model":
+            options = {k: values.pop(k) for k in list(values) if k in BACKBONES}
+            sections[name] = _build_section(cls, values, "model.")
+            for bname, opts in options.items():
+                _validate_options(BACKBONES[bname].Hyperparameters, opts or {}, f"model.{bname}.")
+            sections[name].backbone_options = {k: dict(v or {}) for k, v in options.items()}
+        else:
+            sections[name] = _build_section(cls, values, f"{name}.")
+    cfg = Config(head=dict(raw.get("head") or {}), **sections)
+    m = cfg.model
+    if m.backbone not in BACKBONES:
+        raise ConfigError(f"'model.backbone' must be one of {sorted(BACKBONES)}, got {m.backbone!r}")
+    if m.head not in HEADS:
+        raise ConfigError(f"'model.head' must be one of {sorted(HEADS)}, got {m.head!r}")
+    if m.dtype not in ("float32", "float64"):
+        raise ConfigError(f"'model.dtype' must be float32 or float64, got {m.dtype!r}")
+    if m.cutoff <= 0:
+        raise ConfigError(f"'model.cutoff' must be > 0, got {m.cutoff}")
+    _validate_options(HEADS[m.head].Hyperparameters, cfg.head, "head.")
+    if cfg.ensemble.size < 1:
+        raise ConfigError(f"'ensemble.size' must be >= 1, got {cfg.ensemble.size}")
+    if len(cfg.data.split) != 3:
+        raise ConfigError(f"'data.split' must have 3 fractions (train, validation, test), "
+                          f"got {cfg.data.split}")
+    if cfg.data.report_units.lower() not in ("ev", "kcal/mol", "mev", "kj/mol"):
+        raise ConfigError(f"'data.report_units' must be eV, meV, kcal/mol or kJ/mol, "
+                          f"got {cfg.data.report_units!r}")
+    for key in ("train", "validation", "test"):
+        path = getattr(cfg.data, key)
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"'data.{key}': file not found: {path}")
+    if cfg.data.reference_energies not in ("fit", "zero") and not Path(
+            cfg.data.reference_energies).exists():
+        raise ConfigError(f"'data.reference_energies': file not found: {cfg.data.reference_energies}")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = dict(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node[part] = dict(node.get(part) or {})
+            node = node[part]
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (None: defaults), apply `section.key=value` overrides and validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,258 @@
+"""Metrics against closed forms, brute force and scipy; plots write files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from e2ip import metrics
+from e2ip.predictive import Gaussian, Samples, StudentT
+
+D = 3
+
+
+def _spd(rng, n, jitter=0.3):
+    b = rng.normal(size=(n, D, D)) * 0.5
+    return b @ b.transpose(0, 2, 1) + jitter * np.eye(D)
+
+
+def _draw_student(rng, loc, scale, dof):
+    """y ~ t_dof(loc, scale) by numpy (independent of Predictive.sample)."""
+    n = len(loc)
+    chol = np.linalg.cholesky(scale)
+    z = np.einsum("nij,nj->ni", chol, rng.normal(size=(n, D)))
+    g = rng.chisquare(dof)
+    return loc + z * np.sqrt(dof / g)[:, None]
+
+
+@pytest.fixture(scope="module")
+def student_world():
+    rng = np.random.default_rng(0)
+    n = 20000
+    loc = rng.normal(size=(n, D))
+    scale = _spd(rng, n)
+    dof = rng.uniform(3.0, 15.0, n)
+    y = _draw_student(rng, loc, scale, dof)
+    return [torch.tensor(a) for a in (loc, scale, dof, y)]
+
+
+@pytest.fixture(scope="module")
+def gaussian_world():
+    rng = np.random.default_rng(1)
+    n = 20000
+    loc = rng.normal(size=(n, D))
+    cov = _spd(rng, n)
+    y = loc + np.einsum("nij,nj->ni", np.linalg.cholesky(cov), rng.normal(size=(n, D)))
+    return [torch.tensor(a) for a in (loc, cov, y)]
+
+
+# ------------------------------------------------------------------------------- calibration
+def test_true_student_t_is_calibrated(student_world):
+    loc, scale, dof, y = student_world
+    pit = metrics.pit_values(StudentT(loc, scale, dof), y)
+    assert pit.shape == (len(y),)
+    assert metrics.calibration_error(pit) < 0.02
+    assert 0.94 <= metrics.coverage_at(pit, 0.95) <= 0.96
+
+
+def test_true_gaussian_is_calibrated(gaussian_world):
+    loc, cov, y = gaussian_world
+    pit = metrics.pit_values(Gaussian(loc, cov), y)
+    assert metrics.calibration_error(pit) < 0.02
+    assert 0.94 <= metrics.coverage_at(pit) <= 0.96
+
+
+def test_overconfident_models_are_flagged(student_world, gaussian_world):
+    loc, scale, dof, y = student_world
+    pit = metrics.pit_values(StudentT(loc, 0.3**2 * scale, dof), y)
+    assert metrics.calibration_error(pit) > 0.1
+    assert metrics.coverage_at(pit) < 0.9
+    loc, cov, y = gaussian_world
+    pit = metrics.pit_values(Gaussian(loc, 0.3**2 * cov), y)
+    assert metrics.calibration_error(pit) > 0.1
+    # underconfident (too wide) is flagged as well, with coverage above nominal
+    pit = metrics.pit_values(Gaussian(loc, 3.0**2 * cov), y)
+    assert metrics.calibration_error(pit) > 0.1
+    assert metrics.coverage_at(pit) > 0.99
+
+
+def test_coverage_and_ce_closed_forms():
+    levels = np.arange(1, 100) / 100
+    # a perfectly uniform grid: coverage(p_k) = p_k exactly
+    grid = (np.arange(1000) + 0.5) / 1000
+    lv, cov = metrics.coverage_curve(grid)
+    np.testing.assert_allclose(lv, levels)
+    np.testing.assert_allclose(cov, levels, atol=1e-12)
+    assert metrics.calibration_error(grid) == pytest.approx(0.0, abs=1e-12)
+    # all PIT at 0.5: coverage is a step at 0.5, CE = (sum_{k<50} k + sum_{k>=50} (100-k)) / 9900
+    half = np.full(10, 0.5)
+    assert metrics.calibration_error(half) == pytest.approx(25 / 99, abs=1e-12)
+    assert metrics.coverage_at(half, 0.49) == 0.0
+    assert metrics.coverage_at(half, 0.5) == 1.0
+    # all mass at 0 or at 1: CE = 1/2
+    assert metrics.calibration_error(np.zeros(7)) == pytest.approx(0.5)
+    assert metrics.calibration_error(np.ones(7)) == pytest.approx(0.5)
+    # mixed hand-made array, counted by hand
+    pit = np.array([0.02, 0.1, 0.5, 0.95, 0.96])
+    assert metrics.coverage_at(pit, 0.95) == pytest.approx(0.8)
+    assert metrics.coverage_at(pit, 0.01) == 0.0
+    assert metrics.coverage_at(pit, 0.1) == pytest.approx(0.4)
+    cov_ref = np.array([np.mean(pit <= p) for p in levels])
+    ce_ref = np.mean(np.abs(cov_ref - levels))
+    assert metrics.calibration_error(pit) == pytest.approx(ce_ref, abs=1e-12)
+    assert metrics.coverage_curve(torch.tensor(pit))[1] == pytest.approx(cov_ref)
+
+
+# ---------------------------------------------------------------------------------- scores
+def test_mean_nll_and_force_errors():
+    rng = np.random.default_rng(2)
+    loc = rng.normal(size=(6, D))
+    cov = _spd(rng, 6)
+    y = rng.normal(size=(6, D))
+    ref = np.mean([-stats.multivariate_normal.logpdf(y[i], loc[i], cov[i]) for i in range(6)])
+    pred = Gaussian(torch.tensor(loc), torch.tensor(cov))
+    assert metrics.mean_nll(pred, torch.tensor(y)) == pytest.approx(ref, rel=1e-10)
+    err = loc - y
+    out = metrics.force_errors(torch.tensor(loc), torch.tensor(y))
+    assert out["force_mae"] == pytest.approx(np.abs(err).sum() / err.size)
+    assert out["force_rmse"] == pytest.approx(math.sqrt((err**2).sum() / err.size))
+
+
+def _energy_score_brute(x, y):
+    """x (M, N, 3) samples, y (N, 3): double loop, unbiased pair term."""
+    m, n, _ = x.shape
+    out = []
+    for a in range(n):
+        first = sum(np.linalg.norm(x[i, a] - y[a]) for i in range(m)) / m
+        pair = sum(np.linalg.norm(x[i, a] - x[j, a]) for i in range(m) for j in range(m)
+                   if i != j) / (m * (m - 1))
+        out.append(first - 0.5 * pair)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("family", ["student", "samples"])
+def test_energy_score_matches_brute_force(family):
+    rng = np.random.default_rng(3)
+    n, m = 5, 6
+    loc = torch.tensor(rng.normal(size=(n, D)))
+    y = torch.tensor(rng.normal(size=(n, D)))
+    if family == "student":
+        pred = StudentT(loc, torch.tensor(_spd(rng, n)), torch.tensor(rng.uniform(3, 9, n)))
+    else:
+        pred = Samples(torch.tensor(rng.normal(size=(40, n, D))))
+    x = pred.sample(m, torch.Generator().manual_seed(11)).numpy()
+    ref = _energy_score_brute(x, y.numpy())
+    # a tiny chunk forces the chunked path through several iterations
+    got = metrics.energy_score_per_atom(pred, y, n_samples=m, seed=11, chunk_elements=2 * m * m)
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+    assert metrics.energy_score(pred, y, n_samples=m, seed=11) == pytest.approx(ref.mean())
+
+
+def test_energy_score_of_point_mass_is_distance():
+    rng = np.random.default_rng(4)
+    loc = rng.normal(size=(8, D))
+    y = rng.normal(size=(8, D))
+    pred = Gaussian(torch.tensor(loc), torch.tensor(np.tile(1e-14 * np.eye(D), (8, 1, 1))))
+    got = metrics.energy_score_per_atom(pred, torch.tensor(y), n_samples=20)
+    np.testing.assert_allclose(got, np.linalg.norm(loc - y, axis=1), atol=1e-5)
+
+
+def test_energy_score_prefers_the_true_distribution(student_world):
+    loc, scale, dof, y = (t[:1500] for t in student_world)
+    true = metrics.energy_score(StudentT(loc, scale, dof), y, n_samples=50)
+    narrow = metrics.energy_score(StudentT(loc, 0.3**2 * scale, dof), y, n_samples=50)
+    wide = metrics.energy_score(StudentT(loc, 3.0**2 * scale, dof), y, n_samples=50)
+    assert true < narrow and true < wide
+
+
+# --------------------------------------------------------------------------------- ranking
+def test_spearman_matches_scipy_and_is_nan_safe():
+    rng = np.random.default_rng(5)
+    u = rng.lognormal(size=200)
+    err = u * rng.lognormal(size=200)
+    assert metrics.spearman(u, err) == pytest.approx(stats.spearmanr(u, err)[0], abs=1e-12)
+    assert metrics.spearman(torch.tensor(u), torch.tensor(-err)) == pytest.approx(
+        -stats.spearmanr(u, err)[0], abs=1e-12)
+    assert math.isnan(metrics.spearman(np.ones(10), np.arange(10.0)))
+    assert math.isnan(metrics.spearman(np.arange(10.0), np.zeros(10)))
+    with_nan = np.append(u, np.nan)
+    assert metrics.spearman(with_nan, np.append(err, 1.0)) == pytest.approx(
+        stats.spearmanr(u, err)[0])
+
+
+def test_spearman_per_structure_by_hand():
+    rng = np.random.default_rng(6)
+    sizes = [3, 5, 2, 4, 6, 3]
+    batch = np.repeat(np.arange(len(sizes)), sizes)
+    u = rng.uniform(size=batch.size)
+    err = rng.normal(size=(batch.size, D))
+    mean_u = [u[batch == b].mean() for b in range(len(sizes))]
+    rmse = [np.sqrt((err[batch == b] ** 2).mean()) for b in range(len(sizes))]
+    ref = stats.spearmanr(mean_u, rmse)[0]
+    got = metrics.spearman_per_structure(torch.tensor(u), torch.tensor(err), torch.tensor(batch))
+    assert got == pytest.approx(ref, abs=1e-12)
+
+
+def test_random_rotations_are_proper_and_uniform():
+    r = metrics.random_rotations(2000, 0)
+    assert r.shape == (2000, 3, 3) and r.dtype == torch.float64
+    eye = torch.eye(3, dtype=torch.float64)
+    torch.testing.assert_close(r @ r.transpose(-1, -2), eye.expand_as(r), atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.linalg.det(r), torch.ones(2000, dtype=torch.float64))
+    # Haar moments: E[R] = 0, E[R_ij^2] = 1/3, E[tr R] = 0
+    assert r.mean(0).abs().max() < 0.05
+    assert (r**2).mean(0).sub(1 / 3).abs().max() < 0.03
+    # a rotated fixed vector is uniform on the sphere: each coordinate ~ U(-1, 1)
+    v = (r @ torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)).numpy()
+    assert stats.kstest(v[:, 0], "uniform", args=(-1, 2)).pvalue > 1e-3
+    assert torch.equal(metrics.random_rotations(5, 1), metrics.random_rotations(5, 1))
+    assert metrics.random_rotations(2, torch.Generator().manual_seed(0), torch.float32).dtype == (
+        torch.float32)
+    assert metrics.rotation_stability(0.7, 0.65) == pytest.approx(-0.05)
+
+
+def test_uncertainty_metrics_summary(student_world):
+    loc, scale, dof, y = (t[:2000] for t in student_world)
+    pred = StudentT(loc, scale, dof)
+    u = torch.einsum("nii->n", pred.covariance())
+    batch = torch.arange(2000) // 10
+    out = metrics.uncertainty_metrics(pred, y, u, batch, n_samples=20)
+    pit = metrics.pit_values(pred, y)
+    np.testing.assert_array_equal(out["pit"], pit)
+    assert out["coverage_95"] == metrics.coverage_at(pit)
+    assert out["calibration_error"] == metrics.calibration_error(pit)
+    assert out["nll"] == pytest.approx(pred.nll(y).mean().item())
+    assert out["energy_score"] == metrics.energy_score(pred, y, n_samples=20)
+    assert len(out["coverage_curve"]) == 99
+    assert out["spearman"] > 0.2  # wider predictives do see larger errors
+    assert -1 <= out["spearman_per_structure"] <= 1
+    json.dumps({k: v for k, v in out.items() if k != "pit"})
+    assert math.isnan(metrics.uncertainty_metrics(pred, y, u, None, n_samples=4)[
+        "spearman_per_structure"])
+
+
+# ------------------------------------------------------------------------------------ plots
+def _is_png(path):
+    return path.exists() and path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plots_write_png(tmp_path):
+    from e2ip import plots
+
+    rng = np.random.default_rng(7)
+    pit = rng.uniform(size=2000)
+    curves = {"calibrated": metrics.coverage_curve(pit),
+              "overconfident": metrics.coverage_curve(pit**0.3)}
+    assert _is_png(plots.plot_calibration(curves, tmp_path / "cal.png", title="test"))
+    assert _is_png(plots.plot_calibration({"one": curves["calibrated"]}, tmp_path / "one.png"))
+    assert _is_png(plots.plot_pit(pit, tmp_path / "sub" / "pit.png"))
+    u = rng.lognormal(size=2000)
+    err = np.sqrt(u) * rng.lognormal(size=2000)
+    assert _is_png(plots.plot_error_vs_uncertainty(u, err, tmp_path / "hex.png"))
+    assert _is_png(plots.plot_error_vs_uncertainty(u[:50], err[:50], tmp_path / "sc.png",
+                                                   unit="kcal/mol/Å"))
