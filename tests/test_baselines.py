@@ -18,7 +18,7 @@ from e2ip.heads import HEADS, FeatureDims
 from e2ip.heads.cholesky import CholeskyHead
 from e2ip.heads.eip import EIPHead
 from e2ip.heads.evidential import E2IPHead
-from e2ip.heads.spd import damp_norm, damp_scalar, sym_outer_l2
+from e2ip.heads.spd import damp_norm, damp_scalar, l2_basis, sym_outer_l2
 from e2ip.losses import nig_nll
 from e2ip.model import MODEL_KINDS, PotentialModel
 from e2ip.predictive import Gaussian, IndependentStudentT, StudentT
@@ -184,7 +184,7 @@ def test_no_damping_switch_removes_damping():
     with torch.no_grad():  # large outputs: c0 ~ +-10 and ||c2|| >> cmax2 = 5
         last = damped.scalar_mlp[-1]
         last.weight.normal_()
-        last.bias[0] = 10.0
+        last.bias[0] = 25.0
         last.bias[3:] = 20.0
     free.load_state_dict(damped.state_dict())
     n = 40
@@ -193,26 +193,28 @@ def test_no_damping_switch_removes_damping():
                            vectors=torch.randn(n, f, 3, dtype=torch.float64))
     # raw (undamped) coefficients, computed independently of the head's forward
     out = damped.scalar_mlp(feats.scalars)
-    basis = damped.basis.to(torch.float64)  # the head's own constant T
+    basis = l2_basis(torch.float64)  # the constant map T
     v = feats.vectors.transpose(1, 2)
     a = damped.mix_a(v).transpose(1, 2)
     b = damped.mix_b(v).transpose(1, 2)
     c0_raw = out[:, 0]
     c2_raw = (out[:, 3:, None] * sym_outer_l2(a, b, basis)).sum(1)
-    assert c0_raw.abs().max() > 8 and torch.linalg.vector_norm(c2_raw, dim=-1).min() > 5
+    hp = damped.hparams
+    assert c0_raw.abs().max() > hp.cmax0 + 3 and torch.linalg.vector_norm(c2_raw, dim=-1).min() > 5
 
     p_free, p_damped = free(feats), damped(feats)
     torch.testing.assert_close(p_free["c0"], c0_raw, rtol=0, atol=0)
     torch.testing.assert_close(p_free["c2"], c2_raw, rtol=0, atol=0)
-    torch.testing.assert_close(p_damped["c0"], damp_scalar(c0_raw, 4.0, 5.0))
-    torch.testing.assert_close(p_damped["c2"], damp_norm(c2_raw, 4.0, 5.0))
-    assert p_damped["c0"].abs().max() <= 5.0
-    assert torch.linalg.vector_norm(p_damped["c2"], dim=-1).max() <= 5.0 + 1e-12
+    torch.testing.assert_close(p_damped["c0"], damp_scalar(c0_raw, hp.tau0, hp.cmax0))
+    torch.testing.assert_close(p_damped["c2"], damp_norm(c2_raw, hp.tau2, hp.cmax2))
+    assert p_damped["c0"].abs().max() <= hp.cmax0
+    assert torch.linalg.vector_norm(p_damped["c2"], dim=-1).max() <= hp.cmax2 + 1e-12
     # the spectrum of A is unbounded without damping and bounded (|c0| + sqrt(2/3) ||c2||) with it
     s_ref = 2 * math.log(0.5)
     spread = lambda p: (torch.linalg.eigvalsh(p["A"]) - s_ref).abs().max()  # noqa: E731
-    assert spread(p_damped) <= 5 + math.sqrt(2 / 3) * 5 + 1e-9
-    assert spread(p_free) > 2 * (5 + math.sqrt(2 / 3) * 5)
+    bound = hp.cmax0 + math.sqrt(2 / 3) * hp.cmax2
+    assert spread(p_damped) <= bound + 1e-9
+    assert spread(p_free) > 2 * bound
 
 
 # --- deep ensemble ---------------------------------------------------------------------------
@@ -273,6 +275,21 @@ def test_ensemble_vmap_equals_loop(chunk_size):
         next(ens.members[1].parameters()).add_(0.1)
     torch.testing.assert_close(ens(g, batched=True)["forces"], ens(g, batched=False)["forces"],
                                rtol=0, atol=1e-10)
+
+
+def test_ensemble_falls_back_to_loop_when_vmap_fails(monkeypatch):
+    ens = ensemble(2).eval()
+    g = graph(molecule(0))
+    ref = ens(g, batched=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("vmap: data-dependent control flow")
+
+    monkeypatch.setattr(ens, "_forward_batched", broken)
+    with pytest.warns(UserWarning, match="one by one"):
+        out = ens(g)
+    torch.testing.assert_close(out["forces"], ref["forces"])
+    assert ens._vmap_failed
 
 
 def test_ensemble_batched_gradients_reach_members():

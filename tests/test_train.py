@@ -117,10 +117,26 @@ def test_config_file_errors(tmp_path, capsys):
 
 def test_float64_training_option():
     cfg = load_config(None, TINY + ["model.dtype=float64"])
-    from e2ip.train.module import PotentialModule
     from e2ip.train.datasets import prepare_data
-    from e2ip.train.run import model_spec, dataclass_dict
+    from e2ip.train.module import PotentialModule
+    from e2ip.train.run import dataclass_dict, model_spec
 
     data = prepare_data(cfg.data)
     module = PotentialModule(model_spec(cfg, data), dataclass_dict(cfg.training), "float64")
     assert next(module.model.parameters()).dtype == torch.float64
+
+
+def test_ensemble_trained_by_one_command(tmp_path):
+    plain = [o for o in TINY if not o.startswith("head.")]
+    cfg = load_config(None, plain + ["training.max_epochs=1", "ensemble.size=2",
+                                     "model.head=none"])
+    metrics = run_training(cfg, tmp_path / "ens")
+    model = load_model(tmp_path / "ens/model.pt")
+    assert model.kind == "ensemble" and model.num_members == 2
+    assert model.calibrated and float(model.calibration_variance) > 0
+    assert 0.0 <= metrics["coverage_95"] <= 1.0
+    seeds = [m.metadata["seed"] for m in model.members]
+    assert seeds == [0, 1]
+    # the two members differ (different seeds)
+    p0, p1 = (next(m.parameters()) for m in model.members)
+    assert not torch.equal(p0, p1)

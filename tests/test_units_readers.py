@@ -313,9 +313,10 @@ def test_nan_in_positions(tmp_path):
         read_structures(path)
     assert_names(exc, str(path), "frame 2", "positions")
     # the frame number is the one in the file, also when reading a slice
-    with pytest.raises(DataError) as exc:
-        read_structures(path, index="1:")
-    assert_names(exc, str(path), "frame 2", "positions")
+    for index in ("1:", "2", 2, "0::2"):
+        with pytest.raises(DataError) as exc:
+            read_structures(path, index=index)
+        assert_names(exc, str(path), "frame 2", "positions")
 
 
 def test_overlapping_atoms(tmp_path):

@@ -41,8 +41,8 @@ def compare_models(paths: list[Path], structures, *, out_dir: Path, units: str =
                    seed: int = 0) -> str:
     """Evaluate each model (ensembles twice: raw and calibrated); write comparison.md/.csv and
     calibration.png into `out_dir`; return the markdown table."""
-    from .plots import plot_calibration
     from .metrics import coverage_curve
+    from .plots import plot_calibration
 
     rows: list[dict[str, Any]] = []
     curves = {}

@@ -14,6 +14,7 @@ the backbone is evaluated with ``torch.func.functional_call`` under ``torch.vmap
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,6 +94,7 @@ class Ensemble(nn.Module):
         value = float("nan") if calibration_variance is None else float(calibration_variance)
         self.register_buffer("calibration_variance", torch.tensor(value, dtype=torch.float64))
         self._stack_cache: tuple[Any, Any] | None = None
+        self._vmap_failed = False
 
     # -- description -------------------------------------------------------------------------
     @property
@@ -133,7 +135,8 @@ class Ensemble(nn.Module):
         payload = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "kind": self.kind,
                    "spec": self.spec(),
                    "dtype": str(next(self.parameters()).dtype).replace("torch.", ""),
-                   "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+                   "state_dict": {k: v.detach().cpu()
+                                  for k, v in _portable(self.state_dict()).items()}}
         atomic_torch_save(payload, path)
 
     # -- batched evaluation ------------------------------------------------------------------
@@ -221,10 +224,17 @@ class Ensemble(nn.Module):
         if create_graph is None:
             create_graph = self.training
         batched = self.batched if batched is None else batched
-        if batched and self.can_batch():
-            energy, forces, atomic = self._forward_batched(graph, compute_forces, create_graph)
-        else:
-            energy, forces, atomic = self._forward_loop(graph, compute_forces, create_graph)
+        result = None
+        if batched and not self._vmap_failed and self.can_batch():
+            try:
+                result = self._forward_batched(graph, compute_forces, create_graph)
+            except (RuntimeError, NotImplementedError) as exc:  # a backbone vmap cannot handle
+                self._vmap_failed = True
+                warnings.warn(f"ensemble: batched (vmap) evaluation failed ({exc}); "
+                              "evaluating the members one by one from now on", stacklevel=2)
+        if result is None:
+            result = self._forward_loop(graph, compute_forces, create_graph)
+        energy, forces, atomic = result
         params = {"member_energy": energy}
         if forces is not None:
             params["member_forces"] = forces
@@ -374,6 +384,13 @@ def fit_calibration_floor(errors, epistemic, target: float = 0.95, level: float 
     return hi
 
 
+def _portable(state_dict: dict) -> dict:
+    """model.portable_state_dict when that helper exists (drops torch.fx constants)."""
+    from . import model
+
+    return getattr(model, "portable_state_dict", dict)(state_dict)
+
+
 def _as_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().double().numpy()
@@ -381,3 +398,31 @@ def _as_numpy(x) -> np.ndarray:
 
 
 MODEL_KINDS[Ensemble.kind] = Ensemble
+
+
+def train_ensemble(cfg, out_dir, *, data=None, resume: bool = False) -> Ensemble:
+    """Train `cfg.ensemble.size` members one after another (seeds training.seed + k, which also
+    sets their data order) into `out_dir/member_k/`, then fit the calibrated floor on the
+    validation set. With `resume`, finished members are loaded and the interrupted one resumes."""
+    from pathlib import Path
+
+    from .model import load_model
+    from .train.datasets import prepare_data
+    from .train.run import train_model
+
+    out_dir = Path(out_dir)
+    data = data or prepare_data(cfg.data)
+    members = []
+    for k in range(cfg.ensemble.size):
+        member_dir = out_dir / f"member_{k}"
+        done = member_dir / "model.pt"
+        if resume and done.exists():
+            members.append(load_model(done))
+            continue
+        has_ckpt = (member_dir / "checkpoints" / "last.ckpt").exists()
+        model = train_model(cfg, member_dir, data=data, resume=resume and has_ckpt, member=k)
+        model.save(done)
+        members.append(model)
+    ensemble = Ensemble(members, metadata={"size": len(members), **members[0].metadata})
+    ensemble.fit_calibration(data.validation, batch_size=cfg.data.eval_batch_size)
+    return ensemble

@@ -7,6 +7,7 @@ The model file (`model.pt`) is a plain dictionary of tensors and built-in types,
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,8 @@ class PotentialModel(nn.Module):
         payload = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "kind": self.kind,
                    "spec": self.spec(),
                    "dtype": str(next(self.parameters()).dtype).replace("torch.", ""),
-                   "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+                   "state_dict": {k: v.detach().cpu()
+                                  for k, v in portable_state_dict(self.state_dict()).items()}}
         atomic_torch_save(payload, path)
 
 
@@ -184,6 +186,15 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
 
 MODEL_KINDS: dict[str, Any] = {"model": PotentialModel}
 
+_FX_CONSTANT = re.compile(r"(^|\.)_tensor_constant\d+$")
+
+
+def portable_state_dict(state_dict: dict) -> dict:
+    """Drop the `_tensor_constant<n>` entries that copy.deepcopy of a torch.fx-compiled module
+    (e3nn's tensor products) adds to its state_dict (e.g. the EMA copy in training): a freshly
+    built model has no such keys and rebuilds the constants itself."""
+    return {k: v for k, v in state_dict.items() if not _FX_CONSTANT.search(k)}
+
 
 def model_from_payload(payload: dict) -> nn.Module:
     from . import ensemble  # noqa: F401  (registers MODEL_KINDS["ensemble"]; lazy: no cycle)
@@ -195,7 +206,7 @@ def model_from_payload(payload: dict) -> nn.Module:
     model = cls.from_spec(payload["spec"]) if hasattr(cls, "from_spec") else cls(**payload["spec"])
     dtype = getattr(torch, payload.get("dtype", "float32"))
     model.to(dtype)
-    model.load_state_dict(payload["state_dict"])
+    model.load_state_dict(portable_state_dict(payload["state_dict"]))
     return model
 
 

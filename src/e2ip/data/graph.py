@@ -80,8 +80,9 @@ def structure_to_graph(s: Structure, cutoff: float) -> _GraphRecord:
     )
 
 
-def collate(records: Sequence[_GraphRecord], dtype: torch.dtype = torch.get_default_dtype()) -> AtomicGraph:
-    """Batch graph records into one :class:`AtomicGraph`."""
+def collate(records: Sequence[_GraphRecord], dtype: torch.dtype | None = None) -> AtomicGraph:
+    """Batch graph records into one :class:`AtomicGraph` (dtype: default dtype at call time)."""
+    dtype = dtype or torch.get_default_dtype()
     offsets = np.cumsum([0] + [len(r.numbers) for r in records[:-1]])
     n_atoms = torch.tensor([len(r.numbers) for r in records], dtype=torch.long)
     has_energy = all(r.energy is not None for r in records)

@@ -57,6 +57,9 @@ class CholeskyHead(Head):
                 last.weight.mul_(0.1)
                 last.bias.zero_()
             self.cholesky_mlp[-1].bias[_DIAG] = _SOFTPLUS_INV_ONE
+        # integer index buffers follow the module's device (dtype casts leave them alone)
+        self.register_buffer("tril_index", _TRIL.clone(), persistent=False)
+        self.register_buffer("diag_index", _DIAG.clone(), persistent=False)
 
     def lab_features(self, features: BackboneOutput) -> torch.Tensor:
         parts = [features.scalars]
@@ -70,10 +73,10 @@ class CholeskyHead(Head):
         hp = self.hparams
         z_kappa, z_nu = self.evidence_mlp(features.scalars).unbind(-1)
         entries = self.cholesky_mlp(self.lab_features(features))  # (N, 6)
-        diag = nn.functional.softplus(entries[:, _DIAG])
-        entries = entries.index_copy(1, _DIAG.to(entries.device), diag)
+        diag_index, (rows, cols) = self.diag_index, self.tril_index
+        entries = entries.index_copy(1, diag_index, nn.functional.softplus(entries[:, diag_index]))
         chol = entries.new_zeros(entries.shape[0], D, D)
-        chol[:, _TRIL[0], _TRIL[1]] = entries
+        chol[:, rows, cols] = entries
         eye = torch.eye(D, dtype=entries.dtype, device=entries.device)
         sigma0 = self.force_scale**2 * (chol @ chol.transpose(-1, -2) + hp.jitter * eye)
         kappa = nn.functional.softplus(z_kappa) + hp.kappa_min

@@ -22,13 +22,17 @@ class E2IPHyperparameters:
     """hidden: width of the scalar MLP; tensor_channels: number of 2e channels mixed into c2
     (outer products of vector mixes for PaiNN-like backbones); damping and its thresholds
     (tau0, cmax0 scalar; tau2, cmax2 tensor norm); kappa_min, nu_margin (SPEC 3);
+    The scalar window is wider than SPEC's 4/5 (measured: on rMD17 aspirin c0 saturated at -5,
+    i.e. a predicted force std >= 0.08 sigma_F, while the errors were 0.05 sigma_F, giving
+    Coverage@95 0.99 and CE 0.35); the scalar sets only the overall scale, the condition number is
+    bounded by the 2e damping (tau2, cmax2) alone.
     reg_weight: lambda of the evidence regulariser; nll_weight: weight of the NLL."""
 
     hidden: int = 64
     tensor_channels: int = 8
     damping: bool = True
-    tau0: float = 4.0
-    cmax0: float = 5.0
+    tau0: float = 9.0
+    cmax0: float = 10.0
     tau2: float = 4.0
     cmax2: float = 5.0
     kappa_min: float = 1e-6
@@ -64,7 +68,6 @@ class E2IPHead(Head):
         with torch.no_grad():  # start at Sigma0 ~ sigma_F^2 I and moderate evidence
             last.weight.mul_(0.1)
             last.bias.zero_()
-        self.register_buffer("basis", l2_basis(torch.get_default_dtype()))
         self.s_ref = 2.0 * math.log(self.force_scale)
 
     def forward(self, features: BackboneOutput) -> dict[str, torch.Tensor]:
@@ -72,7 +75,7 @@ class E2IPHead(Head):
         out = self.scalar_mlp(features.scalars)
         c0, z_kappa, z_nu = out[:, 0], out[:, 1], out[:, 2]
         gates = out[:, 3:]
-        basis = self.basis.to(features.scalars.dtype)
+        basis = l2_basis(features.scalars.dtype, features.scalars.device)
         if self.use_native_l2:
             t = self.mix_l2(features.tensors.transpose(1, 2)).transpose(1, 2)  # (N, K, 5)
         else:

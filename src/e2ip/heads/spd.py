@@ -7,6 +7,7 @@ Conventions (e3nn 0.6, checked in the tests): `1o` is (x, y, z); the `2e` basis 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,9 +24,15 @@ _BASIS = [
 ]
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_basis(dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+    return torch.tensor(_BASIS, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
 def l2_basis(dtype=torch.float64, device=None) -> torch.Tensor:
-    """The constant map T as a (5, 3, 3) tensor (an isometry onto traceless symmetric matrices)."""
-    return torch.tensor(_BASIS, dtype=dtype, device=device)
+    """The constant map T as a (5, 3, 3) tensor (an isometry onto traceless symmetric matrices),
+    built once per dtype and device, exact to the dtype's precision."""
+    return _cached_basis(dtype, torch.device(device) if device is not None else None)
 
 
 def l2_to_matrix(c2: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
