@@ -22,6 +22,7 @@ from .data.graph import AtomicGraph, graph_from_structures
 from .data.readers import check_elements, validate_structure
 from .data.structures import DataError, Structure
 from .heads import FeatureDims, get_head
+from .predictive import StudentT
 
 MODEL_FORMAT = "e2ip-model"
 MODEL_VERSION = 1
@@ -135,7 +136,9 @@ class PotentialModel(nn.Module):
 
         Returns numpy arrays: energy (B,) eV; forces (N, 3) eV/Å; and with an uncertainty head
         the (N, 3, 3) covariances `aleatoric`, `epistemic`, `predictive` in (eV/Å)^2, the scalars
-        `u_epi`, `u_ale` (traces) and `sigma_epi` = sqrt(u_epi/3) (eV/Å).
+        `u_epi`, `u_ale` (traces) and `sigma_epi` = sqrt(u_epi/3) (eV/Å); for the e2IP head also
+        `sigma0` (N, 3, 3), the evidence `kappa`, `nu` (N,) and the predictive Student-t's
+        `t_scale` (N, 3, 3) and `t_dof` (N,) (its location is `forces`).
         """
         structures = to_structures(inputs)
         check_elements(structures, self.elements)
@@ -164,6 +167,14 @@ class PotentialModel(nn.Module):
             result["u_epi"] = covs["epistemic"].diagonal(dim1=-2, dim2=-1).sum(-1)
             result["u_ale"] = covs["aleatoric"].diagonal(dim1=-2, dim2=-1).sum(-1)
             result["sigma_epi"] = torch.sqrt(result["u_epi"] / 3)
+            if "sigma0" in covs:
+                result["sigma0"] = covs["sigma0"]
+            for key in ("kappa", "nu"):
+                if key in out["params"]:
+                    result[key] = out["params"][key]
+            pred = self.predictive(out["params"], out["forces"])
+            if isinstance(pred, StudentT):  # the predictive Student-t: location = forces
+                result["t_scale"], result["t_dof"] = pred.scale, pred.dof
         return {k: v.detach().cpu().numpy() for k, v in result.items()}
 
     def save(self, path: str | os.PathLike) -> None:

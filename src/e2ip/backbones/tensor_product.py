@@ -7,8 +7,10 @@ Node features are e3nn irreps ``F0x0e + F1x1o + F2x2e``. Each interaction block
    direction, per-edge ``uvu`` tensor-product weights from a radial MLP on a Bessel basis, times a
    polynomial cutoff (so messages vanish smoothly at the cutoff),
 3. sums the messages over neighbours (divided by ``avg_num_neighbors``),
-4. optionally (``correlation=2``) adds the MACE-style symmetric product ``A + TP(A, A)`` of the
-   aggregated 2-body features with themselves (3-body features),
+4. optionally (``correlation=2``) adds MACE-style 3-body features: the aggregated (2-body)
+   features are mixed to ``A = k x (0e + 1o + 2e)`` and multiplied with themselves channel by
+   channel (``uuu`` paths of ``A (x) A``, i <= j, one weight per channel and path), as in MACE's
+   symmetric contraction at correlation order 2,
 5. mixes to ``scalars + gates + gated`` (plus a species-dependent self-connection), applies the
    gated nonlinearity and adds the result to the block's input (residual, from the second block).
 
@@ -36,7 +38,8 @@ class TensorProductHyperparameters:
     num_layers: interaction blocks; num_radial: Bessel functions; radial_hidden: width of the two
     hidden layers of the radial MLPs; cutoff_p: order of the polynomial cutoff envelope;
     avg_num_neighbors: messages are divided by this (set it to the data's mean neighbour count);
-    correlation: 1 = NequIP-like 2-body messages, 2 = adds the MACE-like product A + A (x) A;
+    correlation: 1 = NequIP-like 2-body messages, 2 = adds the MACE-like product A (x) A;
+    product_channels: channels k of A = k x (0e + 1o + 2e) in the product;
     readout_hidden: width of the energy MLP (0: num_scalars//2)."""
 
     num_scalars: int = 32
@@ -48,6 +51,7 @@ class TensorProductHyperparameters:
     cutoff_p: int = 6
     avg_num_neighbors: float = 10.0
     correlation: int = 2
+    product_channels: int = 16
     readout_hidden: int = 0
 
 
@@ -66,6 +70,20 @@ def uvu_instructions(irreps_in: o3.Irreps, irreps_sh: o3.Irreps, targets: o3.Irr
     mid_sorted, perm, _ = mid.sort()
     instructions = [(i, j, perm[k], mode, train) for i, j, k, mode, train in instructions]
     return mid_sorted, instructions
+
+
+def symmetric_uuu_instructions(irreps: o3.Irreps):
+    """Channel-wise products A_i (x) A_j -> A_k (i <= j, same multiplicity everywhere, 'uuu'):
+    the symmetric 2-fold product of MACE's atomic basis, one weight per channel and path."""
+    instructions = []
+    for i1, (_, ir1) in enumerate(irreps):
+        for i2, (_, ir2) in enumerate(irreps):
+            if i2 < i1:
+                continue
+            for i_out, (_, ir_out) in enumerate(irreps):
+                if ir_out in ir1 * ir2:
+                    instructions.append((i1, i2, i_out, "uuu", True))
+    return instructions
 
 
 @contextmanager
@@ -97,15 +115,16 @@ class TPInteraction(nn.Module):
         irreps_pre = self.gate.irreps_in
 
         self.correlation = int(hp.correlation)
-        if self.correlation == 1:
-            self.linear_down = o3.Linear(irreps_mid, irreps_pre)
-        elif self.correlation == 2:
-            self.linear_mid = o3.Linear(irreps_mid, irreps_hidden)
-            self.product = o3.FullyConnectedTensorProduct(irreps_hidden, irreps_hidden,
-                                                          irreps_hidden)
-            self.linear_down = o3.Linear(irreps_hidden, irreps_pre)
-        else:
+        if self.correlation not in (1, 2):
             raise ValueError(f"correlation must be 1 or 2, not {hp.correlation}")
+        self.linear_down = o3.Linear(irreps_mid, irreps_pre)
+        if self.correlation == 2:
+            k = hp.product_channels
+            irreps_a = o3.Irreps(f"{k}x0e + {k}x1o + {k}x2e")
+            self.linear_mid = o3.Linear(irreps_mid, irreps_a)
+            self.product = o3.TensorProduct(irreps_a, irreps_a, irreps_a,
+                                            symmetric_uuu_instructions(irreps_a))
+            self.linear_prod = o3.Linear(irreps_a, irreps_pre)
         self.self_connection = o3.FullyConnectedTensorProduct(
             irreps_in, o3.Irreps(f"{num_species}x0e"), irreps_pre)
         self.residual = irreps_in == irreps_hidden
@@ -116,10 +135,10 @@ class TPInteraction(nn.Module):
         weights = self.radial(rbf) * fcut.unsqueeze(-1)
         messages = self.tp(x[j], sh, weights)
         a = scatter_sum(messages, i, h.shape[0]) / self.avg_num_neighbors
+        pre = self.linear_down(a) + self.self_connection(h, onehot)
         if self.correlation == 2:
             a = self.linear_mid(a)
-            a = a + self.product(a, a)
-        pre = self.linear_down(a) + self.self_connection(h, onehot)
+            pre = pre + self.linear_prod(self.product(a, a))
         out = self.gate(pre)
         return h + out if self.residual else out
 
