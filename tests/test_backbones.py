@@ -23,7 +23,7 @@ TOL = 1e-9
 
 SMALL = {
     "tensor_product": dict(num_scalars=8, num_vectors=4, num_tensors=3, num_layers=2,
-                           num_radial=6, radial_hidden=16, correlation=2),
+                           num_radial=6, radial_hidden=16, correlation=2, product_channels=4),
     "tensor_product_c1": dict(num_scalars=8, num_vectors=4, num_tensors=3, num_layers=2,
                               num_radial=6, radial_hidden=16, correlation=1),
     "alphanet": dict(num_features=16, num_tensors=4, num_layers=2, num_radial=8,
@@ -289,3 +289,19 @@ def test_potential_model(name, head):
         if head == "e2ip":
             assert out["params"]["c2"].shape == (7, 5)
             assert torch.isfinite(out["params"]["A"]).all()
+
+
+def test_tensor_product_constants_exact_after_cast():
+    """e3nn's Wigner-3j buffers are restored exactly on casts, also in deep copies."""
+    import copy
+
+    hp = TensorProductBackbone.Hyperparameters(**SMALL["tensor_product"])
+    model = copy.deepcopy(TensorProductBackbone(NUM_SPECIES, CUTOFF, hp)).double()
+    found = 0
+    for name, buf in model.named_buffers():
+        if "_w3j_" in name:
+            ls = [int(x) for x in name.rsplit("_w3j_", 1)[1].split("_")]
+            assert buf.dtype == torch.float64
+            assert torch.equal(buf, o3.wigner_3j(*ls, dtype=torch.float64))
+            found += 1
+    assert found > 0

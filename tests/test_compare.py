@@ -25,7 +25,10 @@ def test_compare_writes_tables_and_plot(tmp_path):
     paths = []
     for head in ("e2ip", "eip", "cholesky"):
         path = tmp_path / head / "model.pt"
-        _model(head, 0).save(path)
+        model = _model(head, 0)
+        if head == "e2ip":
+            model.variance_scale.fill_(1.5)  # a calibrated model is listed raw and recalibrated
+        model.save(path)
         paths.append(str(path.parent))  # a run directory works as well as a file
     ens = Ensemble([_model("none", k) for k in range(3)])
     ens.set_calibration_variance(0.04)
@@ -37,14 +40,15 @@ def test_compare_writes_tables_and_plot(tmp_path):
     with open(out / "comparison.csv") as fh:
         rows = list(csv.DictReader(fh))
     methods = [r["method"] for r in rows]
-    assert methods == ["e2IP (painn)", "eIP (painn)", "e2IP w/o equiv. (painn)",
-                       "Ensemble x3 (painn) raw", "Ensemble x3 (painn) cal"]
+    assert methods == ["e2IP (painn)", "e2IP (painn) + recal.", "eIP (painn)",
+                       "e2IP w/o equiv. (painn)", "Ensemble x3 (painn) raw",
+                       "Ensemble x3 (painn) cal"]
     for r in rows:
         for key in ("force_mae", "energy_score", "coverage_95", "calibration_error", "nll",
                     "spearman", "delta_rho", "time_per_atom_ms"):
             assert r[key] not in ("", "nan"), (r["method"], key)
     # the calibrated ensemble is wider than the raw one, so it covers more
-    raw, cal = rows[3], rows[4]
+    raw, cal = rows[4], rows[5]
     assert float(cal["coverage_95"]) >= float(raw["coverage_95"])
     table = (out / "comparison.md").read_text()
     assert table.startswith("| Method | Force MAE (eV/Å) | ES | Cov@95 | CE | NLL |")

@@ -60,15 +60,6 @@ HEAD_NAMES = sorted(HEADS)
 COMBOS = [pytest.param(b, h, id=f"{b}-{h}") for b in BACKBONE_NAMES for h in HEAD_NAMES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny graphs: intra-op threads only add overhead (and spin badly on a loaded machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def is_equivariant_head(head: str) -> bool:
     return bool(getattr(HEADS[head], "equivariant", True))
 

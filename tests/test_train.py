@@ -68,6 +68,7 @@ def test_cli_train_and_evaluate_contract(tmp_path, capsys):
                 "units", "nll", "energy_score", "coverage_95", "calibration_error", "spearman",
                 "spearman_per_structure", "mean_epistemic", "mean_aleatoric"):
         assert key in metrics, key
+    assert metrics["variance_scale"] > 0 and "calibration_error" in metrics["raw"]
     for png in ("calibration.png", "pit.png", "error_vs_uncertainty.png"):
         assert (out / png).stat().st_size > 1000
     model = load_model(out / "model.pt")

@@ -48,6 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model.pt written by e2ip train (or its run directory)")
     _add_data_options(p)
 
+    p = sub.add_parser("calibrate", help="fit a model's variance scale on held-out data")
+    p.add_argument("model", help="model.pt (or its run directory)")
+    p.add_argument("--data", required=True, help="held-out data with forces (validation set)")
+    p.add_argument("--out", default=None, help="where to write the calibrated model "
+                   "(default: overwrite MODEL)")
+    p.add_argument("--energy-unit", default=None)
+    p.add_argument("--length-unit", default=None)
+    p.add_argument("--energy-key", default="energy")
+    p.add_argument("--forces-key", default="forces")
+    p.add_argument("--index", default=":")
+    p.add_argument("--batch-size", type=int, default=32)
+
     p = sub.add_parser("compare", help="evaluate several models side by side")
     p.add_argument("models", nargs="+", help="model files or run directories")
     _add_data_options(p)
@@ -106,6 +118,23 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .model import load_model
+
+    path = _model_path(args.model)
+    model = load_model(path)
+    if getattr(model, "kind", "model") == "ensemble":
+        factor = model.fit_calibration(_read_eval_data(args), batch_size=args.batch_size)
+        print(f"ensemble variance floor s^2 = {factor:.6g} (eV/Å)^2")
+    else:
+        factor = model.calibrate(_read_eval_data(args), batch_size=args.batch_size)
+        print(f"variance scale = {factor:.6g}")
+    out = Path(args.out) if args.out else path
+    model.save(out)
+    print(f"calibrated model written to {out}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from .compare import compare_models
 
@@ -125,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare}
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate,
+                "compare": cmd_compare}
     try:
         return commands[args.command](args)
     except (ConfigError, DataError, FileNotFoundError) as exc:

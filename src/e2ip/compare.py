@@ -48,12 +48,14 @@ def compare_models(paths: list[Path], structures, *, out_dir: Path, units: str =
     curves = {}
     for path in paths:
         model = load_model(path, device=device)
-        forms = [{"form": "raw"}, {"form": "cal"}] if getattr(model, "kind", "") == "ensemble" \
+        forms = [{"form": "raw"}, {"form": "cal"}] if getattr(model, "calibrated", False) \
             else [None]
         base = method_label(model, Path(path))
         n_params = sum(p.numel() for p in model.parameters())
         for opts in forms:
             label = f"{base} {opts['form']}" if opts else base
+            if opts and getattr(model, "kind", "model") == "model":
+                label = base if opts["form"] == "raw" else f"{base} + recal."
             metrics, arrays = evaluate(model, structures, units=units, batch_size=batch_size,
                                        rotate=rotate, seed=seed, predictive_options=opts)
             metrics.update(method=label, model=str(path), n_parameters=n_params)

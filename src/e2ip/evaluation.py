@@ -55,7 +55,7 @@ def collect(model, structures: list[Structure], batch_size: int = 32,
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = model(g, create_graph=False)
-        covs = model.covariances(out["params"], out["forces"])
+        covs = model.covariances(out["params"], out["forces"], **(predictive_options or {}))
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0

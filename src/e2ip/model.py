@@ -6,6 +6,7 @@ The model file (`model.pt`) is a plain dictionary of tensors and built-in types,
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -59,6 +60,8 @@ class PotentialModel(nn.Module):
         ref = torch.zeros(len(self.elements)) if reference_energies is None else torch.tensor(
             [float(e) for e in reference_energies])
         self.register_buffer("reference_energies", ref.to(torch.float64))
+        # post-hoc variance calibration (1 = none): every predictive covariance is multiplied by it
+        self.register_buffer("variance_scale", torch.ones((), dtype=torch.float64))
         lookup = torch.full((119,), -1, dtype=torch.long)
         lookup[torch.tensor(self.elements)] = torch.arange(len(self.elements))
         self.register_buffer("species_lookup", lookup, persistent=False)
@@ -122,13 +125,56 @@ class PotentialModel(nn.Module):
         params = self.head(features)
         return {"energy": energy, "forces": forces, "atomic_energies": atomic, "params": params}
 
-    def predictive(self, params, forces):
-        """Per-atom predictive distribution (e2ip.predictive), or None without uncertainty."""
-        return self.head.predictive(params, forces)
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.variance_scale != 1.0)
 
-    def covariances(self, params, forces) -> dict[str, torch.Tensor]:
-        """(N, 3, 3) `aleatoric`, `epistemic`, `predictive` covariances in (eV/Å)^2."""
-        return self.head.covariances(params, forces)
+    def _factor(self, form: str | None) -> float:
+        if form not in (None, "raw", "cal"):
+            raise ValueError(f"form must be 'raw' or 'cal', got {form!r}")
+        if form == "cal" and not self.calibrated:
+            raise RuntimeError("model is not calibrated: run model.calibrate(validation) first")
+        return 1.0 if form == "raw" else float(self.variance_scale)
+
+    def predictive(self, params, forces, form: str | None = None):
+        """Per-atom predictive distribution (e2ip.predictive), or None without uncertainty.
+
+        form: 'raw' (the head's own), 'cal' (with the fitted variance scale), None: 'cal' when
+        calibrated."""
+        pred = self.head.predictive(params, forces)
+        factor = self._factor(form)
+        return pred if pred is None or factor == 1.0 else pred.scaled(factor)
+
+    def covariances(self, params, forces, form: str | None = None) -> dict[str, torch.Tensor]:
+        """(N, 3, 3) `aleatoric`, `epistemic`, `predictive` covariances in (eV/Å)^2 (and the
+        head's extras, e.g. `sigma0`), multiplied by the variance scale unless form='raw'."""
+        covs = self.head.covariances(params, forces)
+        factor = self._factor(form)
+        return covs if factor == 1.0 else {k: v * factor for k, v in covs.items()}
+
+    def calibrate(self, structures, batch_size: int = 32) -> float:
+        """Fit the variance scale on held-out structures (with forces) by minimising the mean
+        predictive NLL over one scalar (log-scale, bounded to [1e-3, 1e3]); store and return it.
+
+        Why: the head's scale is learned against the errors of the weights being trained, while
+        predictions use the (better) EMA/best weights; one scalar removes that mismatch, as the
+        calibrated ensemble's fitted floor does for ensembles."""
+        from scipy.optimize import minimize_scalar
+
+        from .evaluation import collect
+
+        if not self.has_uncertainty:
+            raise ValueError("calibrate: this model has no uncertainty head")
+        c = collect(self, structures, batch_size, {"form": "raw"})
+
+        def mean_nll(log_f: float) -> float:
+            return float(c.predictive.scaled(math.exp(log_f)).nll(c.forces_ref).mean())
+
+        res = minimize_scalar(mean_nll, bounds=(-3 * math.log(10), 3 * math.log(10)),
+                              method="bounded", options={"xatol": 1e-4})
+        factor = math.exp(float(res.x))
+        self.variance_scale.fill_(factor)
+        return factor
 
     # -- convenience --------------------------------------------------------------------------
     def predict(self, inputs, batch_size: int = 32) -> dict[str, np.ndarray]:
@@ -217,7 +263,11 @@ def model_from_payload(payload: dict) -> nn.Module:
     model = cls.from_spec(payload["spec"]) if hasattr(cls, "from_spec") else cls(**payload["spec"])
     dtype = getattr(torch, payload.get("dtype", "float32"))
     model.to(dtype)
-    model.load_state_dict(portable_state_dict(payload["state_dict"]))
+    state = portable_state_dict(payload["state_dict"])
+    for key in model.state_dict():  # files written before the variance calibration existed
+        if key.endswith("variance_scale") and key not in state:
+            state[key] = torch.ones((), dtype=torch.float64)
+    model.load_state_dict(state)
     return model
 
 

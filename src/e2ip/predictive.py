@@ -60,6 +60,10 @@ class Predictive:
         """The distribution of R y for per-atom rotations r (N, 3, 3)."""
         raise NotImplementedError
 
+    def scaled(self, factor: float) -> Predictive:
+        """The same family with every covariance multiplied by `factor` (> 0), location fixed."""
+        raise NotImplementedError
+
     def __len__(self) -> int:
         return int(self.loc.shape[0])
 
@@ -104,6 +108,10 @@ class StudentT(Predictive):
         rs = r @ self.scale @ r.transpose(-1, -2)
         return StudentT(torch.einsum("nij,nj->ni", r, self.loc), rs, self.dof, logdet=self.logdet)
 
+    def scaled(self, factor):
+        return StudentT(self.loc, self.scale * factor, self.dof, scale_inv=self.scale_inv / factor,
+                        logdet=self.logdet + D * math.log(factor))
+
 
 class Gaussian(Predictive):
     """Multivariate normal N(loc, cov): loc (N, 3), cov (N, 3, 3)."""
@@ -133,6 +141,9 @@ class Gaussian(Predictive):
     def rotate(self, r):
         return Gaussian(torch.einsum("nij,nj->ni", r, self.loc), r @ self.cov @ r.transpose(-1, -2))
 
+    def scaled(self, factor):
+        return Gaussian(self.loc, self.cov * factor)
+
 
 class IndependentStudentT(Predictive):
     """Independent Student-t per Cartesian axis (eIP): loc, scale, dof all (N, 3).
@@ -145,6 +156,10 @@ class IndependentStudentT(Predictive):
 
     def covariance(self):
         return torch.diag_embed(self.scale**2 * self.dof / (self.dof - 2))
+
+    def scaled(self, factor):
+        return IndependentStudentT(self.loc, self.scale * math.sqrt(factor), self.dof,
+                                   n_mc=self.n_mc, seed=self.seed)
 
     def nll(self, y):
         z = (y - self.loc) / self.scale

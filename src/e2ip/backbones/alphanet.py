@@ -102,8 +102,8 @@ def frame_invariants(frame, vm, edge_index):
     Returns the projections p_i, p_j (E, 3, K) and the O(3) invariants (E, 7K):
     p_i1, p_i2, p_i3^2, p_j1, p_j2, p_j3^2, p_i3 p_j3 (axis 3 is axial, so only even products)."""
     i, j = edge_index
-    pi = torch.bmm(frame, vm[i])
-    pj = torch.bmm(frame, vm[j])
+    pi = torch.matmul(frame, vm[i])
+    pj = torch.matmul(frame, vm[j])
     inv = torch.cat([pi[:, 0], pi[:, 1], pi[:, 2] ** 2, pj[:, 0], pj[:, 1], pj[:, 2] ** 2,
                      pi[:, 2] * pj[:, 2]], dim=-1)
     return pi, pj, inv
@@ -130,9 +130,9 @@ class FrameMessage(nn.Module):
         x = self.phi(s)[j] * self.edge_net(torch.cat([inv, edge_attr], dim=-1))
         x = x * fcut.unsqueeze(-1)
         ds, a1, a2, b1, b2, b3 = torch.split(x, self.f, dim=-1)
-        p = torch.bmm(frame, v[j])  # (E, 3, F): v_j in the frame
+        p = torch.matmul(frame, v[j])  # (E, 3, F): v_j in the frame
         coef = torch.stack([a1 + b1 * p[:, 0], a2 + b2 * p[:, 1], b3 * p[:, 2]], dim=1)
-        dv = torch.bmm(frame.transpose(1, 2), coef)  # sum_a e_a coef_a
+        dv = torch.matmul(frame.transpose(1, 2), coef)  # sum_a e_a coef_a
         n = s.shape[0]
         return s + scatter_sum(ds, i, n) / norm, v + scatter_sum(dv, i, n) / norm
 
@@ -169,7 +169,7 @@ class FrameTensorReadout(nn.Module):
         # 2e coefficients of e_a e_b^T + e_b e_a^T (the factor 2 off the diagonal is absorbed in G)
         ea, eb = frame[:, self.pair_a], frame[:, self.pair_b]  # (E, 6, 3)
         pairs = torch.einsum("epi,kij,epj->epk", ea, self.basis, eb)  # (E, 6, 5)
-        t = torch.bmm(g, pairs)  # (E, F2, 5)
+        t = torch.matmul(g, pairs)  # (E, F2, 5)
         return scatter_sum(t, i, s.shape[0]) / norm
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from e3nn import o3
-from e3nn.nn import Gate
+from e3nn.nn import FullyConnectedNet, Gate
 from torch import nn
 
 from .base import Backbone, BackboneOutput, BesselBasis, mlp, polynomial_cutoff, scatter_sum
@@ -105,7 +105,10 @@ class TPInteraction(nn.Module):
         irreps_mid, instructions = uvu_instructions(irreps_in, irreps_sh, irreps_hidden)
         self.tp = o3.TensorProduct(irreps_in, irreps_sh, irreps_mid, instructions,
                                    shared_weights=False, internal_weights=False)
-        self.radial = mlp([hp.num_radial, hp.radial_hidden, hp.radial_hidden, self.tp.weight_numel])
+        # e3nn's MLP (no biases, variance-preserving init) as in NequIP
+        self.radial = FullyConnectedNet(
+            [hp.num_radial, hp.radial_hidden, hp.radial_hidden, self.tp.weight_numel],
+            nn.functional.silu)
 
         scalars = o3.Irreps([(mul, ir) for mul, ir in irreps_hidden if ir.l == 0])
         gated = o3.Irreps([(mul, ir) for mul, ir in irreps_hidden if ir.l > 0])
@@ -120,6 +123,8 @@ class TPInteraction(nn.Module):
         self.linear_down = o3.Linear(irreps_mid, irreps_pre)
         if self.correlation == 2:
             k = hp.product_channels
+            if k <= 0:
+                raise ValueError("correlation 2 needs product_channels > 0")
             irreps_a = o3.Irreps(f"{k}x0e + {k}x1o + {k}x2e")
             self.linear_mid = o3.Linear(irreps_mid, irreps_a)
             self.product = o3.TensorProduct(irreps_a, irreps_a, irreps_a,
@@ -158,8 +163,10 @@ class TensorProductBackbone(Backbone):
         # build in float64, keep exact copies of the constant buffers, restore them on every cast.
         with default_dtype(torch.float64):
             self._build(num_species, cutoff, hparams)
+        # (module path, buffer name, float64 value): by name, because e3nn regenerates its
+        # compiled submodules when a model is deep-copied or unpickled
         self._exact_constants = [
-            (module, name, buf.detach().clone()) for module in self.modules()
+            (path, name, buf.detach().clone()) for path, module in self.named_modules()
             for name, buf in module._buffers.items()
             if buf is not None and buf.is_floating_point() and buf.numel()
         ]
@@ -167,7 +174,8 @@ class TensorProductBackbone(Backbone):
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        for module, name, exact in getattr(self, "_exact_constants", ()):
+        for path, name, exact in getattr(self, "_exact_constants", ()):
+            module = self.get_submodule(path)
             buf = module._buffers.get(name)
             if buf is not None:
                 module._buffers[name] = exact.to(device=buf.device, dtype=buf.dtype)

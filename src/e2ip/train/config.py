@@ -66,7 +66,9 @@ class TrainingConfig:
     force_weight on the head's per-atom loss (NLL + reg for uncertainty heads, MSE otherwise),
     mse_weight on an extra force MSE for uncertainty heads. max_time in minutes (None: no limit).
     ema_decay: exponential moving average of the weights used for validation and the saved
-    model (None: off). patience: early stopping on the validation loss (epochs)."""
+    model (None: off). patience: early stopping on the validation loss (epochs).
+    recalibrate: after training, fit one variance scale of an uncertainty head on the
+    validation set (metrics are then reported calibrated, with the raw ones beside them)."""
 
     max_epochs: int = 200
     max_time: float | None = None
@@ -78,6 +80,7 @@ class TrainingConfig:
     grad_clip: float | None = 10.0
     ema_decay: float | None = 0.99
     patience: int = 40
+    recalibrate: bool = True
     scheduler_patience: int = 10
     scheduler_factor: float = 0.5
     min_lr: float = 1e-5

@@ -142,10 +142,23 @@ def run_training(cfg: Config, out_dir: str | Path, resume: bool = False,
     else:
         model = train_model(cfg, out_dir, data=data, resume=resume,
                             extra_callbacks=extra_callbacks)
+    recalibrated = (cfg.training.recalibrate and model.has_uncertainty
+                    and getattr(model, "kind", "model") == "model")
+    if recalibrated:
+        factor = model.calibrate(data.validation, batch_size=cfg.data.eval_batch_size)
+        log.info("variance scale fitted on the validation set: %.4f", factor)
     model.save(out_dir / "model.pt")
     test = data.test or data.validation
     metrics = evaluate_and_report(model, test, out_dir, units=cfg.data.report_units,
                                   batch_size=cfg.data.eval_batch_size,
                                   label="test" if data.test else "validation")
+    if recalibrated:
+        from ..evaluation import evaluate
+
+        raw, _ = evaluate(model, test, units=cfg.data.report_units,
+                          batch_size=cfg.data.eval_batch_size, predictive_options={"form": "raw"})
+        metrics["variance_scale"] = float(model.variance_scale)
+        metrics["raw"] = {k: raw[k] for k in ("nll", "energy_score", "coverage_95",
+                                              "calibration_error", "spearman")}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
