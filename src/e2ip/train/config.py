@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 class DataConfig:
     """train: data file (None: the built-in demo set); validation/test: separate files, else cut
     from `train` by `split` (fractions train/validation/test, shuffled with `seed`);
-    n_train/n_validation: caps on the number of structures; energy_key/forces_key: extxyz keys;
+    n_train/n_validation/n_test: caps on the number of structures; energy_key/forces_key: extxyz keys;
     energy_unit/length_unit: units in the files (None: eV/Å for xyz, kcal/mol/Å for npz);
     reference_energies: 'fit' (least squares on train), 'zero', or an isolated-atoms file;
     report_units: energy unit of reported metrics ('eV' or 'kcal/mol')."""
@@ -36,6 +36,7 @@ class DataConfig:
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     n_train: int | None = None
     n_validation: int | None = None
+    n_test: int | None = None
     seed: int = 0
     energy_key: str = "energy"
     forces_key: str = "forces"

@@ -56,6 +56,8 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
         train = train[: cfg.n_train]
     if cfg.n_validation is not None:
         validation = validation[: cfg.n_validation]
+    if cfg.n_test is not None:
+        test = test[: cfg.n_test]
     if not train:
         raise DataError(f"{path}: no training structures after the split {cfg.split}")
     if not validation:

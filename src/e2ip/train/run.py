@@ -94,6 +94,11 @@ def train_model(cfg: Config, out_dir: str | Path, *, data: PreparedData | None =
     if t.tensorboard:
         from lightning.pytorch.loggers import TensorBoardLogger
 
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("'training.tensorboard' needs the tensorboard package "
+                              "(pip install tensorboard)") from None
         loggers.append(TensorBoardLogger(out_dir, name="tensorboard", version=""))
     trainer = L.Trainer(
         max_epochs=t.max_epochs,
