@@ -19,6 +19,7 @@ each atom (N,) and the number of structures. A backbone never knows about uncert
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -123,9 +124,16 @@ L2_BASIS = (
 )
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_l2_basis(dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+    return torch.tensor(L2_BASIS, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
 def l2_basis_tensor(dtype=None, device=None) -> torch.Tensor:
-    """The (5, 3, 3) basis E_k of traceless symmetric matrices (T(c) = sum_k c_k E_k)."""
-    return torch.tensor(L2_BASIS, dtype=dtype or torch.get_default_dtype(), device=device)
+    """The (5, 3, 3) basis E_k of traceless symmetric matrices (T(c) = sum_k c_k E_k), built once
+    per dtype and device from float64 values (exact to the dtype's precision; do not modify)."""
+    return _cached_l2_basis(dtype or torch.get_default_dtype(),
+                            torch.device(device) if device is not None else None)
 
 
 def traceless_sym_to_l2(m: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,32 +7,17 @@ Conventions (e3nn 0.6, checked in the tests): `1o` is (x, y, z); the `2e` basis 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
-_S2 = 1.0 / math.sqrt(2.0)
-_S6 = 1.0 / math.sqrt(6.0)
-# Orthonormal basis E_k (5, 3, 3) of traceless symmetric matrices: T(c) = sum_k c_k E_k.
-_BASIS = [
-    [[0, 0, _S2], [0, 0, 0], [_S2, 0, 0]],
-    [[0, _S2, 0], [_S2, 0, 0], [0, 0, 0]],
-    [[-_S6, 0, 0], [0, 2 * _S6, 0], [0, 0, -_S6]],
-    [[0, 0, 0], [0, 0, _S2], [0, _S2, 0]],
-    [[-_S2, 0, 0], [0, 0, 0], [0, 0, _S2]],
-]
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_basis(dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
-    return torch.tensor(_BASIS, dtype=torch.float64).to(dtype=dtype, device=device)
+from ..backbones.base import l2_basis_tensor, traceless_sym_to_l2
 
 
 def l2_basis(dtype=torch.float64, device=None) -> torch.Tensor:
-    """The constant map T as a (5, 3, 3) tensor (an isometry onto traceless symmetric matrices),
-    built once per dtype and device, exact to the dtype's precision."""
-    return _cached_basis(dtype, torch.device(device) if device is not None else None)
+    """The constant map T as a (5, 3, 3) tensor E_k (an isometry onto traceless symmetric
+    matrices), built once per dtype and device, exact to the dtype's precision."""
+    return l2_basis_tensor(dtype, device)
 
 
 def l2_to_matrix(c2: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,8 +28,7 @@ def l2_to_matrix(c2: torch.Tensor, basis: torch.Tensor | None = None) -> torch.T
 
 def matrix_to_l2(m: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
     """T^T(M): the 2e coefficients of a (symmetric) matrix, (..., 3, 3) -> (..., 5)."""
-    basis = l2_basis(m.dtype, m.device) if basis is None else basis
-    return torch.einsum("...ij,kij->...k", m, basis)
+    return traceless_sym_to_l2(m, basis)
 
 
 def linear_tanh(x: torch.Tensor, tau: float, cmax: float) -> torch.Tensor:
