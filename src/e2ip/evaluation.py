@@ -196,7 +196,8 @@ def write_plots(arrays: dict[str, Any], out_dir: Path, units: str = "eV",
     plots.plot_calibration({label: arrays["coverage_curve"]}, out_dir / "calibration.png")
     plots.plot_pit(arrays["pit"], out_dir / "pit.png")
     plots.plot_error_vs_uncertainty(arrays["sigma_epi"] ** 2 * 3, arrays["error_norm"],
-                                    out_dir / "error_vs_uncertainty.png", unit=f"{units}/Å")
+                                    out_dir / "error_vs_uncertainty.png", unit=f"{units}/Å",
+                                    xlabel="epistemic σ = sqrt(tr U_epi / 3)", diagonal=False)
     return ["calibration.png", "pit.png", "error_vs_uncertainty.png"]
 
 

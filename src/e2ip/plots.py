@@ -70,7 +70,8 @@ def plot_pit(pit, path, bins: int = 20, title: str | None = None) -> Path:
 
 
 def plot_error_vs_uncertainty(u, err_norm, path, unit: str = "eV/Å", title: str | None = None,
-                              gridsize: int = 60) -> Path:
+                              gridsize: int = 60, xlabel: str = "sqrt(u / 3)",
+                              diagonal: bool = True) -> Path:
     """Log-log density of the per-atom error |e| against sigma = sqrt(u / 3).
 
     ``u`` (N,) is a trace-type variance (e.g. u_epi = tr U_epi, in unit^2), ``err_norm`` (N,) the
@@ -91,11 +92,11 @@ def plot_error_vs_uncertainty(u, err_norm, path, unit: str = "eV/Å", title: str
         ax.scatter(sigma, err, s=6, alpha=0.6)
         ax.set_xscale("log")
         ax.set_yscale("log")
-    if sigma.size:
+    if sigma.size and diagonal:
         lo = min(sigma.min(), err.min())
         hi = max(sigma.max(), err.max())
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-    ax.set_xlabel(f"sqrt(u / 3)  [{unit}]")
+    ax.set_xlabel(f"{xlabel}  [{unit}]")
     ax.set_ylabel(f"|error|  [{unit}]")
     head = f"{title}: " if title else ""
     ax.set_title(f"{head}Spearman = {rho:.3f}")
