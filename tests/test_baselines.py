@@ -287,7 +287,7 @@ def test_ensemble_falls_back_to_loop_when_vmap_fails(monkeypatch):
 
     monkeypatch.setattr(ens, "_forward_batched", broken)
     with pytest.warns(UserWarning, match="one by one"):
-        out = ens(g)
+        out = ens(g, batched=True)
     torch.testing.assert_close(out["forces"], ref["forces"])
     assert ens._vmap_failed
 

@@ -8,7 +8,9 @@ Coverage@95 is 0.95 (:func:`fit_calibration_floor`).
 The members run in one batched pass: their parameters are stacked along a leading member axis and
 the backbone is evaluated with ``torch.func.functional_call`` under ``torch.vmap``; the forces are
 ``-torch.func.grad`` of the energy with respect to the (shared) positions, vmapped over members.
-``batched=False`` runs a plain Python loop over the members instead (same result).
+``batched=False`` runs a plain Python loop over the members instead (same result). The default
+(``batched=None``) picks vmap on CUDA and the loop on the CPU, where it was measured faster
+(5 PaiNN members, 32 aspirin molecules, one thread: 0.87 ms/atom looped vs 2.26 with vmap).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class Ensemble(nn.Module):
     has_uncertainty = True
 
     def __init__(self, members: Sequence[PotentialModel], *, raw_floor: float = RAW_FLOOR,
-                 calibration_variance: float | None = None, batched: bool = True,
+                 calibration_variance: float | None = None, batched: bool | None = None,
                  chunk_size: int | None = None, metadata: dict | None = None):
         super().__init__()
         members = list(members)
@@ -88,7 +90,7 @@ class Ensemble(nn.Module):
         self.backbone_name = first.backbone_name
         self.head_name = "ensemble"
         self.raw_floor = float(raw_floor)
-        self.batched = bool(batched)
+        self.batched = batched
         self.chunk_size = chunk_size
         self.metadata = dict(metadata or {})
         value = float("nan") if calibration_variance is None else float(calibration_variance)
@@ -118,7 +120,7 @@ class Ensemble(nn.Module):
     def from_spec(cls, spec: dict[str, Any]) -> Ensemble:
         members = [PotentialModel(**s) for s in spec["members"]]
         return cls(members, raw_floor=spec.get("raw_floor", RAW_FLOOR),
-                   batched=spec.get("batched", True), chunk_size=spec.get("chunk_size"),
+                   batched=spec.get("batched"), chunk_size=spec.get("chunk_size"),
                    metadata=spec.get("metadata"))
 
     @classmethod
@@ -224,6 +226,8 @@ class Ensemble(nn.Module):
         if create_graph is None:
             create_graph = self.training
         batched = self.batched if batched is None else batched
+        if batched is None:
+            batched = graph.positions.is_cuda
         result = None
         if batched and not self._vmap_failed and self.can_batch():
             try:
