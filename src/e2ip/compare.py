@@ -53,9 +53,12 @@ def compare_models(paths: list[Path], structures, *, out_dir: Path, units: str =
         base = method_label(model, Path(path))
         n_params = sum(p.numel() for p in model.parameters())
         for opts in forms:
-            label = f"{base} {opts['form']}" if opts else base
-            if opts and getattr(model, "kind", "model") == "model":
+            if not opts:
+                label = base
+            elif getattr(model, "kind", "model") == "model":  # a single model's recalibration
                 label = base if opts["form"] == "raw" else f"{base} + recal."
+            else:  # an ensemble's raw and calibrated forms
+                label = f"{base} {opts['form']}"
             metrics, arrays = evaluate(model, structures, units=units, batch_size=batch_size,
                                        rotate=rotate, seed=seed, predictive_options=opts)
             metrics.update(method=label, model=str(path), n_parameters=n_params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -201,13 +202,31 @@ def write_plots(arrays: dict[str, Any], out_dir: Path, units: str = "eV",
     return ["calibration.png", "pit.png", "error_vs_uncertainty.png"]
 
 
+def rescaled(c: Collected, factor: float) -> Collected:
+    """The same predictions with every predictive covariance multiplied by `factor`."""
+    return dataclasses.replace(c, predictive=c.predictive.scaled(factor), u_epi=c.u_epi * factor,
+                               u_ale=c.u_ale * factor, epistemic=c.epistemic * factor)
+
+
+RAW_KEYS = ("nll", "energy_score", "coverage_95", "calibration_error", "spearman")
+
+
 def evaluate_and_report(model, structures, out_dir, *, units: str = "eV", batch_size: int = 32,
-                        label: str = "test", rotate: bool = False) -> dict[str, Any]:
-    """Evaluate, write the plots into `out_dir`, and return the metrics (with `data` = label)."""
-    metrics, arrays = evaluate(model, structures, units=units, batch_size=batch_size,
-                               rotate=rotate)
+                        label: str = "test") -> dict[str, Any]:
+    """Evaluate, write the plots into `out_dir`, and return the metrics (with `data` = label).
+
+    For a model with a fitted variance scale the metrics are the calibrated ones, and the raw
+    head's figures (same forward pass, covariances unscaled) are added under `raw`."""
+    scale = float(getattr(model, "variance_scale", 1.0))
+    calibrated = getattr(model, "kind", "model") == "model" and getattr(model, "calibrated", False)
+    c = collect(model, structures, batch_size, {"form": "raw"} if calibrated else None)
+    metrics, arrays = compute_metrics(rescaled(c, scale) if calibrated else c, units)
     metrics["data"] = label
     metrics["plots"] = write_plots(arrays, Path(out_dir), units)
+    if calibrated:
+        raw, _ = compute_metrics(c, units)
+        metrics["variance_scale"] = scale
+        metrics["raw"] = {k: raw[k] for k in RAW_KEYS}
     return metrics
 
 

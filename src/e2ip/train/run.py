@@ -157,13 +157,5 @@ def run_training(cfg: Config, out_dir: str | Path, resume: bool = False,
     metrics = evaluate_and_report(model, test, out_dir, units=cfg.data.report_units,
                                   batch_size=cfg.data.eval_batch_size,
                                   label="test" if data.test else "validation")
-    if recalibrated:
-        from ..evaluation import evaluate
-
-        raw, _ = evaluate(model, test, units=cfg.data.report_units,
-                          batch_size=cfg.data.eval_batch_size, predictive_options={"form": "raw"})
-        metrics["variance_scale"] = float(model.variance_scale)
-        metrics["raw"] = {k: raw[k] for k in ("nll", "energy_score", "coverage_95",
-                                              "calibration_error", "spearman")}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
