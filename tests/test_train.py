@@ -118,12 +118,14 @@ def test_config_file_errors(tmp_path, capsys):
 
 def test_float64_training_option():
     cfg = load_config(None, TINY + ["model.dtype=float64"])
+    import dataclasses
+
     from e2ip.train.datasets import prepare_data
     from e2ip.train.module import PotentialModule
-    from e2ip.train.run import dataclass_dict, model_spec
+    from e2ip.train.run import model_spec
 
     data = prepare_data(cfg.data)
-    module = PotentialModule(model_spec(cfg, data), dataclass_dict(cfg.training), "float64")
+    module = PotentialModule(model_spec(cfg, data), dataclasses.asdict(cfg.training), "float64")
     assert next(module.model.parameters()).dtype == torch.float64
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -73,7 +74,7 @@ def train_model(cfg: Config, out_dir: str | Path, *, data: PreparedData | None =
     L.seed_everything(t.seed + member, workers=True, verbose=False)
     data = data or prepare_data(cfg.data)
     dtype = getattr(torch, cfg.model.dtype)
-    module = PotentialModule(model_spec(cfg, data, member), dataclass_dict(t), cfg.model.dtype)
+    module = PotentialModule(model_spec(cfg, data, member), dataclasses.asdict(t), cfg.model.dtype)
     train_set = GraphDataset(data.train, cfg.model.cutoff)
     val_set = GraphDataset(data.validation, cfg.model.cutoff)
     train_loader = train_set.loader(cfg.data.batch_size, shuffle=True, dtype=dtype,
@@ -120,12 +121,6 @@ def train_model(cfg: Config, out_dir: str | Path, *, data: PreparedData | None =
     model.metadata["epochs"] = int(state.get("epoch", 0)) + 1
     model.metadata["trained_epochs"] = int(trainer.current_epoch)
     return model
-
-
-def dataclass_dict(obj) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
 
 
 def run_training(cfg: Config, out_dir: str | Path, resume: bool = False,
