@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from e2ip import load_model
 from e2ip.data.graph import graph_from_structures
-from e2ip.model import load_model
 from e2ip.train.config import load_config
 from e2ip.train.datasets import prepare_data
 

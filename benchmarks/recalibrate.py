@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from e2ip.model import load_model
+from e2ip import load_model
 from e2ip.train.config import load_config
 from e2ip.train.datasets import prepare_data
 
@@ -19,14 +19,10 @@ def main(runs: list[str]) -> None:
         model = load_model(run / "model.pt")
         cfg = load_config(run / "config.yaml")
         validation = prepare_data(cfg.data).validation
-        if getattr(model, "kind", "model") == "ensemble":
-            value = model.fit_calibration(validation)
-            print(f"{run.name}: ensemble floor s^2 = {value:.4g} (eV/Å)^2")
-        elif model.has_uncertainty:
-            value = model.calibrate(validation)
-            print(f"{run.name}: variance scale = {value:.4f}")
-        else:
+        if not model.has_uncertainty:
             continue
+        value = model.calibrate(validation)
+        print(f"{run.name}: {model.calibration_method} = {value:.4g}")
         model.save(run / "model.pt")
 
 

@@ -11,16 +11,19 @@ from scipy import stats
 
 import e2ip
 from e2ip.backbones.base import BackboneOutput
+from e2ip.calibration import fit_calibration_floor, gaussian_coverage
 from e2ip.data.graph import graph_from_structures
 from e2ip.data.structures import Structure
-from e2ip.ensemble import Ensemble, fit_calibration_floor, gaussian_coverage
+from e2ip.ensemble import Ensemble
+from e2ip.errors import ModelError
 from e2ip.heads import HEADS, FeatureDims
 from e2ip.heads.cholesky import CholeskyHead
 from e2ip.heads.eip import EIPHead
 from e2ip.heads.evidential import E2IPHead
 from e2ip.heads.spd import damp_norm, damp_scalar, l2_basis, sym_outer_l2
 from e2ip.losses import nig_nll
-from e2ip.model import MODEL_KINDS, PotentialModel
+from e2ip.model import PotentialModel
+from e2ip.model_io import MODEL_KINDS
 from e2ip.predictive import Gaussian, IndependentStudentT, StudentT
 
 BACKBONE = {"num_features": 16, "num_layers": 2, "num_radial": 8}
@@ -234,10 +237,10 @@ def test_ensemble_statistics_against_numpy():
     assert isinstance(pred, Gaussian)
     np.testing.assert_allclose(pred.loc.numpy(), mu)
     np.testing.assert_allclose(pred.covariance().numpy(), ref + 1e-8 * np.eye(3), rtol=1e-12)
-    with pytest.raises(RuntimeError, match="not calibrated"):
+    with pytest.raises(ModelError, match="not calibrated"):
         ens.predictive(params, torch.from_numpy(mu), form="cal")
     ens.set_calibration_variance(0.04)
-    pred = ens.head.predictive(params, torch.from_numpy(mu))  # default form: "cal" once fitted
+    pred = ens.predictive(params, torch.from_numpy(mu))  # default form: "cal" once fitted
     np.testing.assert_allclose(pred.covariance().numpy(), ref + 0.04 * np.eye(3), rtol=1e-12)
     y = mu + rng.normal(size=mu.shape)
     nll = [-stats.multivariate_normal.logpdf(y[i], mu[i], ref[i] + 0.04 * np.eye(3))
@@ -329,11 +332,13 @@ def test_calibration_recovers_known_floor():
 def test_ensemble_fit_calibration_on_structures():
     ens = ensemble(3).eval()
     val = [molecule(k) for k in range(4)]
-    s2 = ens.fit_calibration(val)
+    s2 = ens.calibrate(val)
     assert ens.calibrated and float(ens.calibration_variance) == pytest.approx(s2)
-    data = ens.collect(val)
-    assert gaussian_coverage(data["errors"], data["epistemic"], s2) >= 0.95
-    assert gaussian_coverage(data["errors"], data["epistemic"], 0.98 * s2) < 0.95
+    assert ens.calibration() == {"method": "variance_floor", "value": pytest.approx(s2)}
+    raw = ens.predict(val, form="raw")
+    errors = np.concatenate([s.forces for s in val]) - raw["forces"]
+    assert gaussian_coverage(errors, raw["epistemic"], s2) >= 0.95
+    assert gaussian_coverage(errors, raw["epistemic"], 0.98 * s2) < 0.95
 
 
 def test_ensemble_save_load_round_trip(tmp_path):

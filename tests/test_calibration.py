@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy import stats
 
+from e2ip import ModelError, PotentialModel, load_model
 from e2ip.data.readers import read_structures
 from e2ip.evaluation import collect
-from e2ip.model import PotentialModel, load_model
 from e2ip.predictive import Gaussian, IndependentStudentT, StudentT
 from e2ip.train.datasets import demo_data_path
 
@@ -27,7 +27,7 @@ def _model(head="e2ip"):
 def test_calibrate_recovers_a_known_variance_factor(true_factor):
     model = _model()
     structures = read_structures(demo_data_path(test=True), index=":150")
-    c = collect(model, structures, 64, {"form": "raw"})
+    c = collect(model, structures, 64, ["raw"]).forms["raw"]
     gen = torch.Generator().manual_seed(1)
     draws = c.predictive.scaled(true_factor).sample(1, gen)[0]  # (N, 3) from the wider/narrower t
     k = 0
@@ -38,15 +38,15 @@ def test_calibrate_recovers_a_known_variance_factor(true_factor):
     assert factor == pytest.approx(true_factor, rel=0.1)
     assert model.calibrated
     # 'cal' predictive = raw scaled, raw untouched; covariances scale the same way
-    c_cal = collect(model, structures, 64, {"form": "cal"})
+    c_cal = collect(model, structures, 64, ["cal"]).forms["cal"]
     torch.testing.assert_close(c_cal.u_epi, c.u_epi * factor)
 
 
 def test_forms_and_save_load(tmp_path):
     model = _model()
     structures = read_structures(demo_data_path(test=True), index=":3")
-    with pytest.raises(RuntimeError, match="not calibrated"):
-        collect(model, structures, 8, {"form": "cal"})
+    with pytest.raises(ModelError, match="not calibrated"):
+        collect(model, structures, 8, ["cal"])
     model.variance_scale.fill_(2.5)
     raw = model.predict(structures)  # default form is 'cal' once calibrated
     model.save(tmp_path / "m.pt")

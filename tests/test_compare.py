@@ -36,13 +36,14 @@ def test_compare_writes_tables_and_plot(tmp_path):
     paths.append(str(tmp_path / "ens.pt"))
     out = tmp_path / "cmp"
     assert main(["compare", *paths, "--data", str(demo_data_path(test=True)), "--index", ":6",
-                 "--rotate", "--out", str(out)]) == 0
+                 "--rotate", "--timing", "--out", str(out)]) == 0
     with open(out / "comparison.csv") as fh:
         rows = list(csv.DictReader(fh))
     methods = [r["method"] for r in rows]
-    assert methods == ["e2IP (painn)", "e2IP (painn) + recal.", "eIP (painn)",
+    assert methods == ["e2IP (painn) raw", "e2IP (painn) cal", "eIP (painn)",
                        "e2IP w/o equiv. (painn)", "Ensemble x3 (painn) raw",
                        "Ensemble x3 (painn) cal"]
+    assert [r["form"] for r in rows] == ["raw", "cal", "raw", "raw", "raw", "cal"]
     for r in rows:
         for key in ("force_mae", "energy_score", "coverage_95", "calibration_error", "nll",
                     "spearman", "delta_rho", "time_per_atom_ms"):
@@ -51,7 +52,7 @@ def test_compare_writes_tables_and_plot(tmp_path):
     raw, cal = rows[4], rows[5]
     assert float(cal["coverage_95"]) >= float(raw["coverage_95"])
     table = (out / "comparison.md").read_text()
-    assert table.startswith("| Method | Force MAE (eV/Å) | ES | Cov@95 | CE | NLL |")
+    assert table.startswith("| Method | Form | Force MAE (eV/Å) | ES | Cov@95 | CE | NLL |")
     assert (out / "calibration.png").stat().st_size > 1000
 
 

@@ -57,7 +57,11 @@ def small_options(cls) -> dict:
 
 BACKBONE_NAMES = sorted(BACKBONES)
 HEAD_NAMES = sorted(HEADS)
-COMBOS = [pytest.param(b, h, id=f"{b}-{h}") for b in BACKBONE_NAMES for h in HEAD_NAMES]
+#: (backbone, head) pairs that cannot be built, with the reason; every other pair must build
+UNSUPPORTED: dict[tuple[str, str], str] = {}
+COMBOS = [pytest.param(b, h, id=f"{b}-{h}",
+                       marks=pytest.mark.skip(UNSUPPORTED[b, h]) if (b, h) in UNSUPPORTED else ())
+          for b in BACKBONE_NAMES for h in HEAD_NAMES]
 
 
 def is_equivariant_head(head: str) -> bool:
@@ -65,18 +69,13 @@ def is_equivariant_head(head: str) -> bool:
 
 
 @functools.cache
-def _build(backbone: str, head: str) -> PotentialModel | str:
+def _build(backbone: str, head: str) -> PotentialModel:
     torch.manual_seed(0)
-    try:
-        model = PotentialModel(
-            elements=ELEMENTS, cutoff=CUTOFF, backbone=backbone, head=head,
-            backbone_options=small_options(BACKBONES[backbone]),
-            head_options=small_options(HEADS[head]), force_scale=0.5, energy_scale=0.5,
-        )
-    except ValueError as exc:  # e.g. a head that needs features this backbone lacks
-        if "need" in str(exc):
-            return f"incompatible: {exc}"
-        raise
+    model = PotentialModel(
+        elements=ELEMENTS, cutoff=CUTOFF, backbone=backbone, head=head,
+        backbone_options=small_options(BACKBONES[backbone]),
+        head_options=small_options(HEADS[head]), force_scale=0.5, energy_scale=0.5,
+    )
     # move the head away from its (near-isotropic) initialisation so that covariances are
     # anisotropic and the dampers are exercised
     g = torch.Generator().manual_seed(1)
@@ -87,10 +86,7 @@ def _build(backbone: str, head: str) -> PotentialModel | str:
 
 
 def get_model(backbone: str, head: str) -> PotentialModel:
-    model = _build(backbone, head)
-    if isinstance(model, str):
-        pytest.skip(model)
-    return model
+    return _build(backbone, head)
 
 
 # --- structures -----------------------------------------------------------------------------------

@@ -68,7 +68,8 @@ def test_cli_train_and_evaluate_contract(tmp_path, capsys):
                 "units", "nll", "energy_score", "coverage_95", "calibration_error", "spearman",
                 "spearman_per_structure", "mean_epistemic", "mean_aleatoric"):
         assert key in metrics, key
-    assert metrics["variance_scale"] > 0 and "calibration_error" in metrics["raw"]
+    assert metrics["form"] == "cal" and metrics["variance_scale"] > 0
+    assert "calibration_error" in metrics["raw"]
     for png in ("calibration.png", "pit.png", "error_vs_uncertainty.png"):
         assert (out / png).stat().st_size > 1000
     model = load_model(out / "model.pt")
@@ -121,8 +122,8 @@ def test_float64_training_option():
     import dataclasses
 
     from e2ip.train.datasets import prepare_data
+    from e2ip.train.fit import model_spec
     from e2ip.train.module import PotentialModule
-    from e2ip.train.run import model_spec
 
     data = prepare_data(cfg.data)
     module = PotentialModule(model_spec(cfg, data), dataclasses.asdict(cfg.training), "float64")
@@ -137,7 +138,8 @@ def test_ensemble_trained_by_one_command(tmp_path):
     model = load_model(tmp_path / "ens/model.pt")
     assert model.kind == "ensemble" and model.num_members == 2
     assert model.calibrated and float(model.calibration_variance) > 0
-    assert 0.0 <= metrics["coverage_95"] <= 1.0
+    assert metrics["form"] == "cal"
+    assert metrics["variance_floor"] == pytest.approx(float(model.calibration_variance))
     seeds = [m.metadata["seed"] for m in model.members]
     assert seeds == [0, 1]
     # the two members differ (different seeds)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import csv
-import json
+import math
 from pathlib import Path
 from typing import Any
 
-from .evaluation import evaluate
-from .model import load_model
+from .evaluation import evaluate_forms, time_per_atom_ms, write_metrics_json
+from .model_io import load_model
 
 COLUMNS = [
     ("method", "Method", "{}"),
+    ("form", "Form", "{}"),
     ("force_mae", "Force MAE", "{:.4f}"),
     ("energy_score", "ES", "{:.4f}"),
     ("coverage_95", "Cov@95", "{:.3f}"),
@@ -25,22 +26,13 @@ COLUMNS = [
 ]
 
 
-def method_label(model, path: Path) -> str:
-    """A readable name: head (backbone), e.g. 'e2ip (painn)', or the run directory."""
-    if getattr(model, "kind", "model") == "ensemble":
-        return f"Ensemble x{len(model.members)} ({model.members[0].backbone_name})"
-    head = {"e2ip": "e2IP", "eip": "eIP", "cholesky": "e2IP w/o equiv.", "none": "plain"}.get(
-        model.head_name, model.head_name)
-    if model.head_name == "e2ip" and not getattr(model.head.hparams, "damping", True):
-        head = "e2IP w/o damping"
-    return f"{head} ({model.backbone_name})"
-
-
 def compare_models(paths: list[Path], structures, *, out_dir: Path, units: str = "eV",
                    batch_size: int = 32, rotate: bool = False, device: str = "cpu",
-                   seed: int = 0) -> str:
-    """Evaluate each model (ensembles twice: raw and calibrated); write comparison.md/.csv and
-    calibration.png into `out_dir`; return the markdown table."""
+                   seed: int = 0, timing: bool = False) -> str:
+    """Evaluate each model in every form it offers (raw, and cal when calibrated; one forward
+    pass per model); write comparison.md/.csv/.json and calibration.png into `out_dir`; return
+    the markdown table. Rows are labelled '<method> raw' / '<method> cal' for calibrated models
+    of every kind."""
     from .metrics import coverage_curve
     from .plots import plot_calibration
 
@@ -48,20 +40,18 @@ def compare_models(paths: list[Path], structures, *, out_dir: Path, units: str =
     curves = {}
     for path in paths:
         model = load_model(path, device=device)
-        forms = [{"form": "raw"}, {"form": "cal"}] if getattr(model, "calibrated", False) \
-            else [None]
-        base = method_label(model, Path(path))
+        forms = model.available_forms() or [None]
+        results = evaluate_forms(model, structures, forms, units=units, batch_size=batch_size,
+                                 rotate=rotate, seed=seed)
+        cost = time_per_atom_ms(model, structures, batch_size) if timing else None
         n_params = sum(p.numel() for p in model.parameters())
-        for opts in forms:
-            if not opts:
-                label = base
-            elif getattr(model, "kind", "model") == "model":  # a single model's recalibration
-                label = base if opts["form"] == "raw" else f"{base} + recal."
-            else:  # an ensemble's raw and calibrated forms
-                label = f"{base} {opts['form']}"
-            metrics, arrays = evaluate(model, structures, units=units, batch_size=batch_size,
-                                       rotate=rotate, seed=seed, predictive_options=opts)
+        for form, (metrics, arrays) in results.items():
+            label = model.label() if len(forms) == 1 else f"{model.label()} {form}"
             metrics.update(method=label, model=str(path), n_parameters=n_params)
+            if form == "cal":
+                metrics["calibration"] = model.calibration()
+            if cost is not None:
+                metrics["time_per_atom_ms"] = cost
             rows.append(metrics)
             if "pit" in arrays:
                 curves[label] = coverage_curve(arrays["pit"])
@@ -73,7 +63,7 @@ def compare_models(paths: list[Path], structures, *, out_dir: Path, units: str =
         writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (out_dir / "comparison.json").write_text(json.dumps(rows, indent=2, default=str))
+    write_metrics_json(rows, out_dir / "comparison.json")
     if curves:
         plot_calibration(curves, out_dir / "calibration.png")
     return table
@@ -86,6 +76,7 @@ def markdown_table(rows: list[dict[str, Any]], units: str) -> str:
         cells = []
         for key, _, fmt in COLUMNS:
             value = row.get(key)
-            cells.append("–" if value is None else fmt.format(value))
+            missing = value is None or (isinstance(value, float) and not math.isfinite(value))
+            cells.append("–" if missing else fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

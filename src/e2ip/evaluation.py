@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -16,13 +16,25 @@ from .data.graph import graph_from_structures
 from .data.readers import check_elements
 from .data.structures import Structure
 from .data.units import energy_factor
+from .potential import Potential, traces
 from .predictive import Predictive, concatenate
+
+
+@dataclass
+class FormParts:
+    """The uncertainty of one form ('raw' or 'cal') over a data set: the per-atom predictive,
+    u_epi/u_ale (N,) traces and the epistemic covariances (N, 3, 3), float64 on the CPU."""
+
+    predictive: Predictive
+    u_epi: torch.Tensor
+    u_ale: torch.Tensor
+    epistemic: torch.Tensor
 
 
 @dataclass
 class Collected:
     """Predictions over a data set (eV, eV/Å): forces/forces_ref (N, 3), energy/energy_ref (B,),
-    n_atoms (B,), batch (N,), predictive (per atom) and u_epi/u_ale (N,) traces, or None."""
+    n_atoms (B,), batch (N,), and the uncertainty per form (empty without uncertainty)."""
 
     forces: torch.Tensor
     forces_ref: torch.Tensor
@@ -30,72 +42,77 @@ class Collected:
     energy_ref: torch.Tensor
     n_atoms: torch.Tensor
     batch: torch.Tensor
-    predictive: Predictive | None
-    u_epi: torch.Tensor | None
-    u_ale: torch.Tensor | None
-    epistemic: torch.Tensor | None
-    seconds: float
+    forms: dict[str, FormParts]
 
 
-def collect(model, structures: list[Structure], batch_size: int = 32,
-            predictive_options: dict | None = None) -> Collected:
-    """Predict on `structures` in batches (float64 results on the CPU)."""
+def _cpu64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().double()
+
+
+def collect(model: Potential, structures: list[Structure], batch_size: int = 32,
+            forms: list[str] | None = None) -> Collected:
+    """One forward pass over `structures` in batches; the uncertainty of each form in `forms`
+    (default: every form the model offers) is computed from that same pass."""
     check_elements(structures, model.elements)
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
+    forms = model.available_forms() if forms is None else [model.resolve_form(f) for f in forms]
     model.eval()
-    graphs = [graph_from_structures(structures[k:k + batch_size], model.cutoff, dtype)
-              for k in range(0, len(structures), batch_size)]
-    if graphs:  # warm-up, not timed
-        model(graphs[0].to(device), create_graph=False)
-    parts: dict[str, list] = {k: [] for k in ("forces", "energy", "pred", "u_epi", "u_ale", "epi")}
-    seconds = 0.0
-    for g in graphs:
-        g = g.to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = model(g, create_graph=False)
-        covs = model.covariances(out["params"], out["forces"], **(predictive_options or {}))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - t0
-        parts["forces"].append(out["forces"].detach().cpu().double())
-        parts["energy"].append(out["energy"].detach().cpu().double())
-        if covs:
-            pred = model.predictive(out["params"], out["forces"], **(predictive_options or {}))
-            parts["pred"].append(_detach_predictive(pred))
-            parts["u_epi"].append(covs["epistemic"].diagonal(dim1=-2, dim2=-1).sum(-1).detach()
-                                  .cpu().double())
-            parts["u_ale"].append(covs["aleatoric"].diagonal(dim1=-2, dim2=-1).sum(-1).detach()
-                                  .cpu().double())
-            parts["epi"].append(covs["epistemic"].detach().cpu().double())
+    forces, energy = [], []
+    parts: dict[str, dict[str, list]] = {f: {"pred": [], "u_epi": [], "u_ale": [], "epi": []}
+                                         for f in forms}
+    for k in range(0, len(structures), batch_size):
+        g = graph_from_structures(structures[k:k + batch_size], model.cutoff, model.dtype)
+        out = model(g.to(model.device), create_graph=False)
+        forces.append(_cpu64(out["forces"]))
+        energy.append(_cpu64(out["energy"]))
+        for form in forms:
+            covs = model.covariances(out["params"], out["forces"], form)
+            pred = model.predictive(out["params"], out["forces"], form)
+            summary = traces(covs)
+            p = parts[form]
+            p["pred"].append(pred.detached())
+            p["u_epi"].append(_cpu64(summary["u_epi"]))
+            p["u_ale"].append(_cpu64(summary["u_ale"]))
+            p["epi"].append(_cpu64(covs["epistemic"]))
     n_atoms = torch.tensor([s.n_atoms for s in structures])
-    has_unc = bool(parts["pred"])
     return Collected(
-        forces=torch.cat(parts["forces"]),
+        forces=torch.cat(forces),
         forces_ref=torch.from_numpy(np.concatenate([s.forces for s in structures])).double(),
-        energy=torch.cat(parts["energy"]),
+        energy=torch.cat(energy),
         energy_ref=torch.tensor([s.energy for s in structures], dtype=torch.float64),
         n_atoms=n_atoms,
         batch=torch.repeat_interleave(torch.arange(len(structures)), n_atoms),
-        predictive=concatenate(parts["pred"]) if has_unc else None,
-        u_epi=torch.cat(parts["u_epi"]) if has_unc else None,
-        u_ale=torch.cat(parts["u_ale"]) if has_unc else None,
-        epistemic=torch.cat(parts["epi"]) if has_unc else None,
-        seconds=seconds,
+        forms={f: FormParts(predictive=concatenate(p["pred"]), u_epi=torch.cat(p["u_epi"]),
+                            u_ale=torch.cat(p["u_ale"]), epistemic=torch.cat(p["epi"]))
+               for f, p in parts.items()},
     )
 
 
-def _detach_predictive(pred: Predictive) -> Predictive:
-    """A float64 CPU copy without autograd history."""
-    clone = object.__new__(type(pred))
-    for key, value in vars(pred).items():
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu()
-            value = value.double() if value.is_floating_point() else value
-        setattr(clone, key, value)
-    return clone
+def time_per_atom_ms(model: Potential, structures: list[Structure], batch_size: int = 32,
+                     repeats: int = 5) -> float:
+    """Inference cost as SPEC 7 says: energy, forces and every covariance of the default form,
+    graphs built beforehand, one warm-up pass, then the median over `repeats` passes of the
+    time per atom (ms); CUDA-synchronised on GPUs."""
+    device = model.device
+    graphs = [graph_from_structures(structures[k:k + batch_size], model.cutoff, model.dtype)
+              .to(device) for k in range(0, len(structures), batch_size)]
+    n_atoms = sum(s.n_atoms for s in structures)
+    form = model.resolve_form(None) if model.has_uncertainty else None
+
+    def one_pass() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for g in graphs:
+            out = model(g, create_graph=False)
+            if form is not None:
+                model.covariances(out["params"], out["forces"], form)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    model.eval()
+    one_pass()
+    return 1e3 * float(np.median([one_pass() for _ in range(repeats)])) / max(n_atoms, 1)
 
 
 def rotate_structures(structures: list[Structure], rotations: torch.Tensor) -> list[Structure]:
@@ -109,81 +126,123 @@ def rotate_structures(structures: list[Structure], rotations: torch.Tensor) -> l
     return out
 
 
-def compute_metrics(c: Collected, units: str = "eV", n_samples: int = 100,
-                    seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Scalar metrics (JSON-ready, in `units` energy and units/Å forces) and arrays for plots."""
+UNCERTAINTY_KEYS = ("nll", "energy_score", "coverage_95", "calibration_error", "spearman",
+                    "spearman_per_structure", "mean_epistemic", "mean_aleatoric")
+
+
+def compute_metrics(c: Collected, units: str = "eV", form: str | None = None,
+                    n_samples: int = 100, seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Scalar metrics (in `units` energy and units/Å forces) of the predictions, with the
+    uncertainty metrics of `form` (None: accuracy only), and arrays for plots."""
     from . import metrics as M
 
     conv = 1.0 / energy_factor(units)  # eV -> report units
-    force_unit = f"{units}/Å"
     errors = M.force_errors(c.forces, c.forces_ref)
     e_err = (c.energy - c.energy_ref).abs()
-    n_atoms_total = int(c.n_atoms.sum())
     out: dict[str, Any] = {
         "n_structures": int(len(c.n_atoms)),
-        "n_atoms": n_atoms_total,
-        "units": {"energy": units, "forces": force_unit},
+        "n_atoms": int(c.n_atoms.sum()),
+        "units": {"energy": units, "forces": f"{units}/Å"},
         "force_mae": errors["force_mae"] * conv,
         "force_rmse": errors["force_rmse"] * conv,
         "energy_mae": float(e_err.mean()) * conv,
         "energy_rmse": float(e_err.pow(2).mean().sqrt()) * conv,
         "energy_mae_per_atom": float((e_err / c.n_atoms).mean()) * conv,
-        "time_per_atom_ms": 1e3 * c.seconds / max(n_atoms_total, 1),
     }
     arrays: dict[str, Any] = {}
-    if c.predictive is not None:
-        unc = M.uncertainty_metrics(c.predictive, c.forces_ref, c.u_epi, c.batch,
-                                    n_samples=n_samples, seed=seed)
-        out.update(
-            nll=float(unc["nll"]) + 3 * math.log(conv),
-            energy_score=float(unc["energy_score"]) * conv,
-            coverage_95=float(unc["coverage_95"]),
-            calibration_error=float(unc["calibration_error"]),
-            spearman=float(unc["spearman"]),
-            spearman_per_structure=float(unc["spearman_per_structure"]),
-            mean_epistemic=float(torch.sqrt(c.u_epi / 3).mean()) * conv,
-            mean_aleatoric=float(torch.sqrt(c.u_ale / 3).mean()) * conv,
-        )
-        arrays["pit"] = np.asarray(unc["pit"])
-        levels, coverage = M.coverage_curve(arrays["pit"])
-        arrays["coverage_curve"] = (np.asarray(levels), np.asarray(coverage))
-        arrays["sigma_epi"] = (torch.sqrt(c.u_epi / 3) * conv).numpy()
-        arrays["error_norm"] = ((c.forces - c.forces_ref).norm(dim=-1) * conv).numpy()
+    if form is None:
+        return out, arrays
+    u = c.forms[form]
+    unc = M.uncertainty_metrics(u.predictive, c.forces_ref, u.u_epi, c.batch,
+                                n_samples=n_samples, seed=seed)
+    out.update(
+        # a density in (units/Å)^-3: 3 log(conv) converts the per-atom NLL from eV/Å
+        nll=float(unc["nll"]) + 3 * math.log(conv),
+        energy_score=float(unc["energy_score"]) * conv,
+        coverage_95=float(unc["coverage_95"]),
+        calibration_error=float(unc["calibration_error"]),
+        spearman=float(unc["spearman"]),
+        spearman_per_structure=float(unc["spearman_per_structure"]),
+        mean_epistemic=float(torch.sqrt(u.u_epi / 3).mean()) * conv,
+        mean_aleatoric=float(torch.sqrt(u.u_ale / 3).mean()) * conv,
+    )
+    arrays["pit"] = np.asarray(unc["pit"])
+    arrays["coverage_curve"] = M.coverage_curve(arrays["pit"])
+    arrays["sigma_epi"] = (torch.sqrt(u.u_epi / 3) * conv).numpy()
+    arrays["error_norm"] = ((c.forces - c.forces_ref).norm(dim=-1) * conv).numpy()
     return out, arrays
 
 
-def rotation_metrics(model, structures, c: Collected, batch_size: int, seed: int = 0,
-                     predictive_options: dict | None = None) -> dict[str, float]:
-    """Delta rho (Spearman on randomly rotated copies minus the original) and equivariance errors
-    of forces and epistemic covariances (eV/Å, (eV/Å)^2)."""
+def rotation_metrics(model: Potential, structures, c: Collected, batch_size: int, seed: int = 0,
+                     forms: list[str] | None = None) -> dict[str | None, dict[str, float]]:
+    """Per form: Delta rho (Spearman on randomly rotated copies minus the original) and the
+    equivariance errors of forces and epistemic covariances (eV/Å, (eV/Å)^2)."""
     from . import metrics as M
 
+    forms = list(c.forms) if forms is None else forms
     gen = torch.Generator().manual_seed(seed)
     rotations = M.random_rotations(len(structures), gen, torch.float64)
-    rotated = rotate_structures(structures, rotations)
-    cr = collect(model, rotated, batch_size, predictive_options)
+    cr = collect(model, rotate_structures(structures, rotations), batch_size, forms)
     r_atom = rotations[c.batch]
     f_expected = torch.einsum("nij,nj->ni", r_atom, c.forces)
-    out = {"equivariance_error_forces": float((cr.forces - f_expected).abs().max())}
-    if c.u_epi is None:
-        return out
+    base = {"equivariance_error_forces": float((cr.forces - f_expected).abs().max())}
+    if not forms:
+        return {None: base}
     err = (c.forces - c.forces_ref).norm(dim=-1)
     err_r = (cr.forces - cr.forces_ref).norm(dim=-1)
-    rho = M.spearman(c.u_epi.numpy(), err.numpy())
-    rho_r = M.spearman(cr.u_epi.numpy(), err_r.numpy())
-    cov_expected = r_atom @ c.epistemic @ r_atom.transpose(-1, -2)
-    out.update(spearman_rotated=float(rho_r), delta_rho=float(M.rotation_stability(rho, rho_r)),
-               equivariance_error_covariance=float((cr.epistemic - cov_expected).abs().max()))
+    out: dict[str | None, dict[str, float]] = {}
+    for form in forms:
+        u, ur = c.forms[form], cr.forms[form]
+        rho = M.spearman(u.u_epi.numpy(), err.numpy())
+        rho_r = M.spearman(ur.u_epi.numpy(), err_r.numpy())
+        cov_expected = r_atom @ u.epistemic @ r_atom.transpose(-1, -2)
+        out[form] = {**base, "spearman_rotated": float(rho_r),
+                     "delta_rho": float(M.rotation_stability(rho, rho_r)),
+                     "equivariance_error_covariance":
+                         float((ur.epistemic - cov_expected).abs().max())}
     return out
 
 
-def evaluate(model, structures: list[Structure], *, units: str = "eV", batch_size: int = 32,
-             rotate: bool = False, seed: int = 0, n_samples: int = 100,
-             predictive_options: dict | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    c = collect(model, structures, batch_size, predictive_options)
-    metrics, arrays = compute_metrics(c, units, n_samples, seed)
-    if rotate:
-        metrics.update(rotation_metrics(model, structures, c, batch_size, seed, predictive_options))
+def evaluate_forms(model: Potential, structures: list[Structure], forms: list[str | None], *,
+                   units: str = "eV", batch_size: int = 32, rotate: bool = False, seed: int = 0,
+                   n_samples: int = 100) -> dict[str | None, tuple[dict, dict]]:
+    """Metrics and plot arrays for each form in `forms` (None for a model without uncertainty),
+    all from one forward pass (and one more over rotated copies with `rotate`)."""
+    wanted = [f for f in forms if f is not None]
+    c = collect(model, structures, batch_size, wanted)
+    rot = rotation_metrics(model, structures, c, batch_size, seed, wanted) if rotate else {}
+    results = {}
+    for form in forms:
+        metrics, arrays = compute_metrics(c, units, form, n_samples, seed)
+        metrics.update(rot.get(form, {}))
+        metrics["form"] = form
+        results[form] = (metrics, arrays)
+    return results
+
+
+def evaluate(model: Potential, structures: list[Structure], *, units: str = "eV",
+             batch_size: int = 32, rotate: bool = False, seed: int = 0, n_samples: int = 100,
+             form: str | None = None, timing: bool = False) -> tuple[dict[str, Any], dict]:
+    """Every metric of one model on one data set, in one form.
+
+    form: 'raw' or 'cal' (None: 'cal' when the model is calibrated, else 'raw'). The metrics
+    always say which: `form`, and whenever a calibration is applied also `calibration`
+    ({method, value}), the fitted value under its method's name (`variance_scale` for single
+    models, `variance_floor` for ensembles) and the raw figures from the same pass under `raw`.
+    timing: add `time_per_atom_ms` measured as SPEC 7 says (:func:`time_per_atom_ms`)."""
+    form = model.resolve_form(form) if model.has_uncertainty else None
+    forms = [form, "raw"] if form == "cal" else [form]
+    results = evaluate_forms(model, structures, forms, units=units, batch_size=batch_size,
+                             rotate=rotate, seed=seed, n_samples=n_samples)
+    metrics, arrays = results[form]
+    if form == "cal":
+        calibration = model.calibration()
+        metrics["calibration"] = calibration
+        metrics[calibration["method"]] = calibration["value"]
+        raw = results["raw"][0]
+        metrics["raw"] = {k: raw[k] for k in (*UNCERTAINTY_KEYS, "delta_rho") if k in raw}
+    if timing:
+        metrics["time_per_atom_ms"] = time_per_atom_ms(model, structures, batch_size)
     return metrics, arrays
 
 
@@ -202,39 +261,80 @@ def write_plots(arrays: dict[str, Any], out_dir: Path, units: str = "eV",
     return ["calibration.png", "pit.png", "error_vs_uncertainty.png"]
 
 
-def rescaled(c: Collected, factor: float) -> Collected:
-    """The same predictions with every predictive covariance multiplied by `factor`."""
-    return dataclasses.replace(c, predictive=c.predictive.scaled(factor), u_epi=c.u_epi * factor,
-                               u_ale=c.u_ale * factor, epistemic=c.epistemic * factor)
-
-
-RAW_KEYS = ("nll", "energy_score", "coverage_95", "calibration_error", "spearman")
-
-
-def evaluate_and_report(model, structures, out_dir, *, units: str = "eV", batch_size: int = 32,
-                        label: str = "test") -> dict[str, Any]:
-    """Evaluate, write the plots into `out_dir`, and return the metrics (with `data` = label).
-
-    For a model with a fitted variance scale the metrics are the calibrated ones, and the raw
-    head's figures (same forward pass, covariances unscaled) are added under `raw`."""
-    scale = float(getattr(model, "variance_scale", 1.0))
-    calibrated = getattr(model, "kind", "model") == "model" and getattr(model, "calibrated", False)
-    c = collect(model, structures, batch_size, {"form": "raw"} if calibrated else None)
-    metrics, arrays = compute_metrics(rescaled(c, scale) if calibrated else c, units)
+def evaluate_and_report(model: Potential, structures, out_dir, *, units: str = "eV",
+                        batch_size: int = 32, label: str = "test", form: str | None = None,
+                        rotate: bool = False, timing: bool = False) -> dict[str, Any]:
+    """:func:`evaluate`, then write the plots into `out_dir`; return the metrics (with
+    `data` = label and the plot names)."""
+    metrics, arrays = evaluate(model, structures, units=units, batch_size=batch_size,
+                               form=form, rotate=rotate, timing=timing)
     metrics["data"] = label
     metrics["plots"] = write_plots(arrays, Path(out_dir), units)
-    if calibrated:
-        raw, _ = compute_metrics(c, units)
-        metrics["variance_scale"] = scale
-        metrics["raw"] = {k: raw[k] for k in RAW_KEYS}
     return metrics
 
 
+#: why a metric can be undefined (it is then null in metrics.json, with the reason)
+UNDEFINED_REASONS = {
+    "spearman": "undefined: fewer than 3 atoms, or constant errors or uncertainties",
+    "spearman_per_structure": "undefined: fewer than 3 structures, or constant per-structure "
+                              "errors or uncertainties",
+    "spearman_rotated": "undefined: fewer than 3 atoms, or constant errors or uncertainties",
+    "delta_rho": "undefined: a Spearman correlation it is the difference of is undefined",
+}
+
+
+def json_ready(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A copy that strict JSON accepts: every non-finite float becomes null, and its reason is
+    listed under `undefined` (dotted keys for nested blocks)."""
+    undefined: dict[str, str] = {}
+
+    def clean(node, prefix: str):
+        if isinstance(node, dict):
+            return {k: clean(v, f"{prefix}{k}.") for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [clean(v, prefix) for v in node]
+        if isinstance(node, (float, np.floating)) and not math.isfinite(float(node)):
+            key = prefix.rstrip(".")
+            undefined[key] = UNDEFINED_REASONS.get(key.split(".")[-1],
+                                                   "undefined: could not be computed")
+            return None
+        if isinstance(node, np.generic):
+            return node.item()
+        return node
+
+    out = clean(metrics, "")
+    if undefined:
+        out["undefined"] = {**out.get("undefined", {}), **undefined}
+    return out
+
+
+def write_metrics_json(metrics, path: str | Path) -> None:
+    """Write strict JSON (no NaN) atomically; creates the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(metrics, dict):
+        data = json_ready(metrics)
+    else:
+        data = [json_ready(m) for m in metrics]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False))
+    tmp.replace(path)
+
+
 def format_table(metrics: dict[str, Any]) -> str:
-    """A two-column text table of the scalar metrics."""
+    """A two-column text table of the scalar metrics (the form first)."""
     rows = []
+    if "form" in metrics:
+        form = metrics["form"]
+        note = {"cal": "calibrated", "raw": "raw, no calibration applied",
+                None: "no uncertainty head"}[form]
+        rows.append(f"{'form':<28} {form} ({note})")
     for key, value in metrics.items():
-        if isinstance(value, float):
+        if key == "form":
+            continue
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            rows.append(f"{key:<28} n/a")
+        elif isinstance(value, float):
             rows.append(f"{key:<28} {value:.5g}")
         elif isinstance(value, (int, str)):
             rows.append(f"{key:<28} {value}")

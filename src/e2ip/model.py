@@ -1,35 +1,23 @@
-"""A potential: backbone + head + energy scale and per-element reference energies.
-
-The model file (`model.pt`) is a plain dictionary of tensors and built-in types, loaded with
-`torch.load(weights_only=True)`: no pickled code runs when a model is loaded.
-"""
+"""A single potential: backbone + head + energy scale and per-element reference energies."""
 
 from __future__ import annotations
 
-import math
-import os
-import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
 from .backbones import get_backbone
 from .backbones.base import scatter_sum
-from .data.graph import AtomicGraph, graph_from_structures
-from .data.readers import check_elements, validate_structure
-from .data.structures import DataError, Structure
+from .calibration import fit_variance_scale
+from .data.graph import AtomicGraph
+from .errors import DataError
 from .heads import FeatureDims, get_head
-from .predictive import StudentT
-
-MODEL_FORMAT = "e2ip-model"
-MODEL_VERSION = 1
+from .potential import Potential
+from .predictive import StudentT, concatenate
 
 
-class PotentialModel(nn.Module):
+class PotentialModel(Potential):
     """Energy E = sum_i (energy_scale * eps_i + E0[z_i]) (eV), forces -dE/dr (eV/Å), and head outputs.
 
     elements: atomic numbers the model knows; reference_energies: E0 per element (eV);
@@ -37,6 +25,7 @@ class PotentialModel(nn.Module):
     """
 
     kind = "model"
+    calibration_method = "variance_scale"
 
     def __init__(self, *, elements: Sequence[int], cutoff: float, backbone: str = "painn",
                  backbone_options: dict | None = None, head: str = "e2ip",
@@ -125,16 +114,28 @@ class PotentialModel(nn.Module):
         params = self.head(features)
         return {"energy": energy, "forces": forces, "atomic_energies": atomic, "params": params}
 
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> PotentialModel:
+        return cls(**spec)
+
+    def label(self) -> str:
+        """A readable method name, e.g. 'e2IP (painn)'."""
+        head = {"e2ip": "e2IP", "eip": "eIP", "cholesky": "e2IP w/o equiv.",
+                "none": "plain"}.get(self.head_name, self.head_name)
+        if self.head_name == "e2ip" and not getattr(self.head.hparams, "damping", True):
+            head = "e2IP w/o damping"
+        return f"{head} ({self.backbone_name})"
+
+    # -- uncertainty and its calibration --------------------------------------------------------
     @property
     def calibrated(self) -> bool:
         return bool(self.variance_scale != 1.0)
 
+    def calibration_value(self) -> float:
+        return float(self.variance_scale)
+
     def _factor(self, form: str | None) -> float:
-        if form not in (None, "raw", "cal"):
-            raise ValueError(f"form must be 'raw' or 'cal', got {form!r}")
-        if form == "cal" and not self.calibrated:
-            raise RuntimeError("model is not calibrated: run model.calibrate(validation) first")
-        return 1.0 if form == "raw" else float(self.variance_scale)
+        return 1.0 if self.resolve_form(form) == "raw" else float(self.variance_scale)
 
     def predictive(self, params, forces, form: str | None = None):
         """Per-atom predictive distribution (e2ip.predictive), or None without uncertainty.
@@ -142,166 +143,50 @@ class PotentialModel(nn.Module):
         form: 'raw' (the head's own), 'cal' (with the fitted variance scale), None: 'cal' when
         calibrated."""
         pred = self.head.predictive(params, forces)
+        if pred is None:
+            return None
         factor = self._factor(form)
-        return pred if pred is None or factor == 1.0 else pred.scaled(factor)
+        return pred if factor == 1.0 else pred.scaled(factor)
 
     def covariances(self, params, forces, form: str | None = None) -> dict[str, torch.Tensor]:
         """(N, 3, 3) `aleatoric`, `epistemic`, `predictive` covariances in (eV/Å)^2 (and the
-        head's extras, e.g. `sigma0`), multiplied by the variance scale unless form='raw'."""
+        head's extras, e.g. `sigma0`), multiplied by the variance scale in the form 'cal'."""
         covs = self.head.covariances(params, forces)
+        if not covs:
+            return covs
         factor = self._factor(form)
         return covs if factor == 1.0 else {k: v * factor for k, v in covs.items()}
 
-    def calibrate(self, structures, batch_size: int = 32) -> float:
-        """Fit the variance scale on held-out structures (with forces) by minimising the mean
-        predictive NLL over one scalar (log-scale, bounded to [1e-3, 1e3]); store and return it.
+    def _reset_calibration(self) -> None:
+        self.variance_scale.fill_(1.0)
+
+    def _fit_calibration(self, batches) -> float:
+        """Variance scale minimising the mean predictive NLL on the held-out batches.
 
         Why: the head's scale is learned against the errors of the weights being trained, while
-        predictions use the (better) EMA/best weights; one scalar removes that mismatch, as the
-        calibrated ensemble's fitted floor does for ensembles."""
-        from scipy.optimize import minimize_scalar
-
-        from .evaluation import collect
-
-        if not self.has_uncertainty:
-            raise ValueError("calibrate: this model has no uncertainty head")
-        c = collect(self, structures, batch_size, {"form": "raw"})
-
-        def mean_nll(log_f: float) -> float:
-            return float(c.predictive.scaled(math.exp(log_f)).nll(c.forces_ref).mean())
-
-        res = minimize_scalar(mean_nll, bounds=(-3 * math.log(10), 3 * math.log(10)),
-                              method="bounded", options={"xatol": 1e-4})
-        factor = math.exp(float(res.x))
+        predictions use the weight-averaged (EMA) weights; one scalar removes that mismatch."""
+        pred = concatenate([self.head.predictive(out["params"], out["forces"])
+                            for _, out in batches])
+        ref = torch.cat([g.forces.to(pred.loc.dtype) for g, _ in batches])
+        factor = fit_variance_scale(pred.detached(), ref.double())
         self.variance_scale.fill_(factor)
         return factor
 
-    # -- convenience --------------------------------------------------------------------------
-    def predict(self, inputs, batch_size: int = 32) -> dict[str, np.ndarray]:
-        """ASE-free predictions for ase.Atoms, Structures (or lists of them), or an AtomicGraph.
+    def _extra_predictions(self, out, covs, form) -> dict[str, torch.Tensor]:
+        """For the e2IP head: `sigma0` (N, 3, 3), the evidence `kappa`, `nu` (N,), and the
+        predictive Student-t's `t_scale` (N, 3, 3) and `t_dof` (N,) (its location is `forces`)."""
+        extra = {}
+        if "sigma0" in covs:
+            extra["sigma0"] = covs["sigma0"]
+        for key in ("kappa", "nu"):
+            if key in out["params"]:
+                extra[key] = out["params"][key]
+        pred = self.predictive(out["params"], out["forces"], form)
+        if isinstance(pred, StudentT):
+            extra["t_scale"], extra["t_dof"] = pred.scale, pred.dof
+        return extra
 
-        Returns numpy arrays: energy (B,) eV; forces (N, 3) eV/Å; and with an uncertainty head
-        the (N, 3, 3) covariances `aleatoric`, `epistemic`, `predictive` in (eV/Å)^2, the scalars
-        `u_epi`, `u_ale` (traces) and `sigma_epi` = sqrt(u_epi/3) (eV/Å); for the e2IP head also
-        `sigma0` (N, 3, 3), the evidence `kappa`, `nu` (N,) and the predictive Student-t's
-        `t_scale` (N, 3, 3) and `t_dof` (N,) (its location is `forces`).
-        """
-        structures = to_structures(inputs)
-        check_elements(structures, self.elements)
-        for s in structures:
-            validate_structure(s, require_energy=False, require_forces=False)
-        dtype = next(self.parameters()).dtype
-        device = next(self.parameters()).device
-        parts: list[dict[str, np.ndarray]] = []
-        was_training = self.training
-        self.eval()
-        try:
-            for k in range(0, len(structures), batch_size):
-                graph = graph_from_structures(structures[k:k + batch_size], self.cutoff, dtype)
-                parts.append(self.predict_graph(graph.to(device)))
-        finally:
-            self.train(was_training)
-        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    def _upgrade_state(self, state: dict) -> None:
+        if "variance_scale" not in state:  # files written before the calibration existed
+            state["variance_scale"] = torch.ones((), dtype=torch.float64)
 
-    def predict_graph(self, graph: AtomicGraph) -> dict[str, np.ndarray]:
-        out = self(graph, create_graph=False)
-        result = {"energy": out["energy"], "forces": out["forces"]}
-        covs = self.covariances(out["params"], out["forces"])
-        if covs:
-            result.update(aleatoric=covs["aleatoric"], epistemic=covs["epistemic"],
-                          predictive=covs["predictive"])
-            result["u_epi"] = covs["epistemic"].diagonal(dim1=-2, dim2=-1).sum(-1)
-            result["u_ale"] = covs["aleatoric"].diagonal(dim1=-2, dim2=-1).sum(-1)
-            result["sigma_epi"] = torch.sqrt(result["u_epi"] / 3)
-            if "sigma0" in covs:
-                result["sigma0"] = covs["sigma0"]
-            for key in ("kappa", "nu"):
-                if key in out["params"]:
-                    result[key] = out["params"][key]
-            pred = self.predictive(out["params"], out["forces"])
-            if isinstance(pred, StudentT):  # the predictive Student-t: location = forces
-                result["t_scale"], result["t_dof"] = pred.scale, pred.dof
-        return {k: v.detach().cpu().numpy() for k, v in result.items()}
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the model file atomically (temporary file + rename)."""
-        payload = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "kind": self.kind,
-                   "spec": self.spec(),
-                   "dtype": str(next(self.parameters()).dtype).replace("torch.", ""),
-                   "state_dict": {k: v.detach().cpu()
-                                  for k, v in portable_state_dict(self.state_dict()).items()}}
-        atomic_torch_save(payload, path)
-
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-MODEL_KINDS: dict[str, Any] = {"model": PotentialModel}
-
-_FX_CONSTANT = re.compile(r"(^|\.)_tensor_constant\d+$")
-
-
-def portable_state_dict(state_dict: dict) -> dict:
-    """Drop the `_tensor_constant<n>` entries that copy.deepcopy of a torch.fx-compiled module
-    (e3nn's tensor products) adds to its state_dict (e.g. the EMA copy in training): a freshly
-    built model has no such keys and rebuilds the constants itself."""
-    return {k: v for k, v in state_dict.items() if not _FX_CONSTANT.search(k)}
-
-
-def model_from_payload(payload: dict) -> nn.Module:
-    from . import ensemble  # noqa: F401  (registers MODEL_KINDS["ensemble"]; lazy: no cycle)
-
-    kind = payload.get("kind", "model")
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"unknown model kind {kind!r}")
-    cls = MODEL_KINDS[kind]
-    model = cls.from_spec(payload["spec"]) if hasattr(cls, "from_spec") else cls(**payload["spec"])
-    dtype = getattr(torch, payload.get("dtype", "float32"))
-    model.to(dtype)
-    state = portable_state_dict(payload["state_dict"])
-    for key in model.state_dict():  # files written before the variance calibration existed
-        if key.endswith("variance_scale") and key not in state:
-            state[key] = torch.ones((), dtype=torch.float64)
-    model.load_state_dict(state)
-    return model
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a model file written by `e2ip train` (safe: weights_only, no pickled code)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: model file not found")
-    try:
-        payload = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"{path}: not a readable e2ip model file ({exc})") from None
-    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path}: not an e2ip model file")
-    model = model_from_payload(payload)
-    return model.to(device).eval()
-
-
-def to_structures(inputs) -> list[Structure]:
-    """Normalise ase.Atoms / Structure / lists of them into a list of Structures."""
-    if isinstance(inputs, Structure):
-        return [inputs]
-    try:
-        from ase import Atoms
-    except ImportError:  # pragma: no cover
-        Atoms = ()  # type: ignore[assignment]
-    if isinstance(inputs, Atoms):
-        return [Structure.from_atoms(inputs)]
-    out = []
-    for k, item in enumerate(inputs):
-        if isinstance(item, Structure):
-            out.append(item)
-        elif isinstance(item, Atoms):
-            out.append(Structure.from_atoms(item, frame=k))
-        else:
-            raise TypeError(f"cannot predict on {type(item).__name__}; pass ase.Atoms or Structure")
-    return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from scipy import stats
 
@@ -66,6 +65,16 @@ class Predictive:
 
     def __len__(self) -> int:
         return int(self.loc.shape[0])
+
+    def detached(self) -> Predictive:
+        """A float64 CPU copy of the same family without autograd history."""
+        clone = object.__new__(type(self))
+        for key, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu()
+                value = value.double() if value.is_floating_point() else value
+            setattr(clone, key, value)
+        return clone
 
 
 class StudentT(Predictive):
@@ -240,6 +249,3 @@ def concatenate(parts: list[Predictive]) -> Predictive:
         return Samples(torch.cat([p.samples for p in parts], dim=1))
     raise TypeError(f"cannot concatenate {type(first).__name__}")
 
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().double().numpy()

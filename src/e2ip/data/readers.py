@@ -164,12 +164,14 @@ def _read_ase(path, energy_key, forces_key, energy_unit, length_unit, index, req
         if energy is None and require_energy:
             raise DataError(
                 f"{path}, frame {k}: no energy under key '{energy_key}' "
-                f"(info keys: {sorted(atoms.info)}); set data.energy_key"
+                f"(info keys: {sorted(atoms.info)}); set data.energy_key in the config "
+                "or --energy-key on the command line"
             )
         if forces is None and require_forces:
             raise DataError(
                 f"{path}, frame {k}: no forces under key '{forces_key}' "
-                f"(per-atom arrays: {sorted(atoms.arrays)}); set data.forces_key"
+                f"(per-atom arrays: {sorted(atoms.arrays)}); set data.forces_key in the config "
+                "or --forces-key on the command line"
             )
         s = Structure.from_atoms(atoms, source=str(path), frame=k)
         s.positions = s.positions * lf

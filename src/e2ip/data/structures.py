@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import DataError
 
-class DataError(ValueError):
-    """Bad input data; the message names the file, frame and field."""
+__all__ = ["DataError", "Structure"]
 
 
 @dataclass

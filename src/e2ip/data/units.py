@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import ConfigError
+
 #: multiply a value in this unit by the factor to get eV
 ENERGY_UNITS: dict[str, float] = {
     "ev": 1.0,
@@ -32,7 +34,7 @@ def energy_factor(unit: str) -> float:
     """Factor that converts energies in `unit` to eV."""
     key = _norm(unit)
     if key not in ENERGY_UNITS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown energy unit {unit!r}; known: eV, meV, kcal/mol, kJ/mol, Hartree, Rydberg"
         )
     return ENERGY_UNITS[key]
@@ -42,7 +44,7 @@ def length_factor(unit: str) -> float:
     """Factor that converts lengths in `unit` to Å."""
     key = _norm(unit)
     if key not in LENGTH_UNITS:
-        raise ValueError(f"unknown length unit {unit!r}; known: Å (Ang, angstrom), Bohr, nm")
+        raise ConfigError(f"unknown length unit {unit!r}; known: Å (Ang, angstrom), Bohr, nm")
     return LENGTH_UNITS[key]
 
 
@@ -50,6 +52,3 @@ def force_factor(energy_unit: str, length_unit: str) -> float:
     """Factor that converts forces in `energy_unit/length_unit` to eV/Å."""
     return energy_factor(energy_unit) / length_factor(length_unit)
 
-
-def force_unit_name(energy_unit: str, length_unit: str = "Å") -> str:
-    return f"{energy_unit}/{length_unit}"

@@ -10,11 +10,6 @@ HEADS: dict[str, type[Head]] = {
 }
 
 
-def register_head(cls: type[Head]) -> type[Head]:
-    HEADS[cls.name] = cls
-    return cls
-
-
 def get_head(name: str) -> type[Head]:
     if name not in HEADS:
         raise ValueError(f"unknown head {name!r}; available: {', '.join(sorted(HEADS))}")
@@ -22,4 +17,4 @@ def get_head(name: str) -> type[Head]:
 
 
 __all__ = ["CholeskyHead", "E2IPHead", "EIPHead", "FeatureDims", "HEADS", "Head", "NoHead",
-           "get_head", "register_head"]
+           "get_head"]

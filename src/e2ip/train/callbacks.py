@@ -1,4 +1,4 @@
-"""Callbacks: an append-only per-epoch CSV log that survives crashes and resumes."""
+"""Callbacks: an EMA of the weights with a warm-up, and an append-only per-epoch CSV log."""
 
 from __future__ import annotations
 
@@ -7,7 +7,62 @@ import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+import torch
+from lightning.pytorch.callbacks import Callback, WeightAveraging
+
+from ..potential import is_fx_constant, portable_state_dict
+
+
+def ema_decay_at(decay: float, num_averaged: int) -> float:
+    """Decay used for the update after `num_averaged` earlier ones: min(decay, (1 + n) / (10 + n)).
+
+    The ramp (as TensorFlow's ExponentialMovingAverage with `num_updates`) keeps the average close
+    to the recent weights early on, so a short run never exports (nearly) its initialisation:
+    with a constant 0.99 the weights after the first step still weigh 0.99^k after k steps."""
+    n = float(num_averaged)
+    return min(float(decay), (1.0 + n) / (10.0 + n))
+
+
+def warmup_ema_multi_avg_fn(decay: float):
+    """A `multi_avg_fn` for torch.optim.swa_utils.AveragedModel: avg <- avg + (1 - d_n)(p - avg)
+    with the ramped decay d_n of :func:`ema_decay_at` (one host sync per step, none per tensor)."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
+        weight = 1.0 - ema_decay_at(decay, int(num_averaged))
+        for avg, cur in zip(averaged, current):
+            avg.lerp_(cur, weight)
+
+    return update
+
+
+class WarmupEMA(WeightAveraging):
+    """Lightning's weight averaging (validation, checkpoints and the exported model use the
+    average) with an exponential moving average whose decay ramps up (:func:`ema_decay_at`).
+
+    Lightning's `EMAWeightAveraging` has a fixed decay (or a hard start step); this passes the ramp
+    as `multi_avg_fn`. Only parameters are averaged (the buffers are constants or integer lookup
+    tables, which an average would corrupt). The fx constants that deep-copying e3nn modules adds
+    to the averaged copy are kept out of checkpoints."""
+
+    def __init__(self, decay: float):
+        super().__init__(use_buffers=False, multi_avg_fn=warmup_ema_multi_avg_fn(decay))
+        self.decay = float(decay)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        for key in ("state_dict", "current_model_state"):
+            if key in checkpoint:
+                checkpoint[key] = portable_state_dict(checkpoint[key])
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self._average_model is not None and "state_dict" in checkpoint:
+            prefix = "module."
+            for key, value in self._average_model.state_dict().items():
+                name = key[len(prefix):]
+                if key.startswith(prefix) and is_fx_constant(name):
+                    checkpoint["state_dict"].setdefault(name, value)
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 
 class EpochCSVLogger(Callback):

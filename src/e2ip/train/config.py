@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
+from ..errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key or path."""
+__all__ = ["Config", "ConfigError", "load_config"]
 
 
 @dataclass
@@ -66,10 +66,18 @@ class TrainingConfig:
     """Loss weights: energy_weight on the per-atom energy MSE (in units of sigma_F^2),
     force_weight on the head's per-atom loss (NLL + reg for uncertainty heads, MSE otherwise),
     mse_weight on an extra force MSE for uncertainty heads. max_time in minutes (None: no limit).
-    ema_decay: exponential moving average of the weights used for validation and the saved
-    model (None: off). patience: early stopping on the validation loss (epochs).
-    recalibrate: after training, fit one variance scale of an uncertainty head on the
-    validation set (metrics are then reported calibrated, with the raw ones beside them)."""
+    ema_decay: exponential moving average of the weights, used for validation, checkpoints and
+    the saved model (None: off); its decay ramps up as min(ema_decay, (1 + n) / (10 + n)) after
+    n updates, so short runs export trained weights, not their initialisation.
+    patience: early stopping on the validation loss (epochs).
+    recalibrate: after training, fit the model's post-hoc calibration on the validation set (a
+    variance scale for single models, the coverage-fitted floor for ensembles); metrics are then
+    reported in the form 'cal', with the raw ones beside them.
+    init_from: a trained model file (or run folder) to fine-tune: its weights, architecture,
+    elements, scales and reference energies are used (the model and head sections are ignored;
+    an element it does not know is an error). scheduler_*: ReduceLROnPlateau on the validation
+    loss. accelerator/devices/strategy: passed to the Lightning Trainer (e.g. 'gpu', 2, 'ddp').
+    num_threads: torch intra-op threads (None: torch's default). grad_clip: gradient-norm clip."""
 
     max_epochs: int = 200
     max_time: float | None = None
@@ -92,6 +100,7 @@ class TrainingConfig:
     num_threads: int | None = None
     progress_bar: bool = True
     tensorboard: bool = False
+    init_from: str | None = None
 
 
 @dataclass
@@ -140,6 +149,19 @@ def _type_ok(value, hint) -> bool:
     return isinstance(value, hint)
 
 
+def _accepts_float(hint) -> bool:
+    if hint is float:
+        return True
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and float in typing.get_args(hint)
+
+
+def _float_or_same(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _type_name(hint) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
@@ -159,6 +181,8 @@ def _build_section(cls, values: dict, where: str):
     for key, value in values.items():
         if key not in names:
             raise _unknown(key, names, where)
+        if isinstance(value, str) and _accepts_float(hints[key]):
+            value = _float_or_same(value)  # YAML 1.1 reads '5e-3' (no dot) as a string
         if not _type_ok(value, hints[key]):
             raise ConfigError(
                 f"'{where}{key}' must be {_type_name(hints[key])}, got {value!r}"
@@ -185,6 +209,10 @@ def config_from_dict(raw: dict | None) -> Config:
         if key not in known:
             raise _unknown(key, known, "")
     sections = {}
+    for name in ("head", *_SECTIONS):
+        if raw.get(name) is not None and not isinstance(raw[name], dict):
+            raise ConfigError(f"'{name}' must be a mapping of keys, got "
+                              f"{type(raw[name]).__name__} {raw[name]!r}")
     for name, cls in _SECTIONS.items():
         values = dict(raw.get(name) or {})
         if name == "model":
@@ -211,9 +239,31 @@ def config_from_dict(raw: dict | None) -> Config:
     if len(cfg.data.split) != 3:
         raise ConfigError(f"'data.split' must have 3 fractions (train, validation, test), "
                           f"got {cfg.data.split}")
+    if any(f < 0 for f in cfg.data.split) or sum(cfg.data.split) > 1 + 1e-9:
+        raise ConfigError(f"'data.split' fractions must be >= 0 and sum to at most 1, got "
+                          f"{cfg.data.split} (sum {sum(cfg.data.split):g})")
+    for key in ("batch_size", "eval_batch_size"):
+        if getattr(cfg.data, key) < 1:
+            raise ConfigError(f"'data.{key}' must be >= 1, got {getattr(cfg.data, key)}")
+    for key in ("n_train", "n_validation", "n_test"):
+        if getattr(cfg.data, key) is not None and getattr(cfg.data, key) < 1:
+            raise ConfigError(f"'data.{key}' must be >= 1 (or null), got {getattr(cfg.data, key)}")
+    t = cfg.training
+    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
+        raise ConfigError(f"'training.ema_decay' must be in (0, 1) or null, got {t.ema_decay}")
+    if t.max_epochs < 1:
+        raise ConfigError(f"'training.max_epochs' must be >= 1, got {t.max_epochs}")
+    if t.init_from is not None and not Path(t.init_from).exists():
+        raise ConfigError(f"'training.init_from': file not found: {t.init_from}")
     if cfg.data.report_units.lower() not in ("ev", "kcal/mol", "mev", "kj/mol"):
         raise ConfigError(f"'data.report_units' must be eV, meV, kcal/mol or kJ/mol, "
                           f"got {cfg.data.report_units!r}")
+    from ..data.units import energy_factor, length_factor
+
+    if cfg.data.energy_unit is not None:
+        energy_factor(cfg.data.energy_unit)
+    if cfg.data.length_unit is not None:
+        length_factor(cfg.data.length_unit)
     for key in ("train", "validation", "test"):
         path = getattr(cfg.data, key)
         if path is not None and not Path(path).exists():
@@ -265,4 +315,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the configuration as YAML, atomically (temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """{'section.key': value} for every key (backbone options as model.<backbone>.<key>)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix.rstrip(".")] = node
+
+    walk("", cfg.to_dict())
+    return out
+
+
+def config_diff(a: Config, b: Config) -> list[str]:
+    """The keys whose values differ between two configurations (sorted)."""
+    fa, fb = flat_config(a), flat_config(b)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))

@@ -40,15 +40,36 @@ def read_with(cfg: DataConfig, path) -> list[Structure]:
                            energy_unit=cfg.energy_unit, length_unit=cfg.length_unit)
 
 
-def prepare_data(cfg: DataConfig) -> PreparedData:
+def _check_elements_in_training(train, others: dict[str, list[Structure]], known) -> None:
+    """Every element of the validation and test sets must occur in the training set (or, when
+    fine-tuning, be known to the base model): otherwise its embedding and reference energy are
+    never trained."""
+    from ase.data import chemical_symbols
+
+    for name, structures in others.items():
+        for s in structures:
+            unknown = sorted({int(z) for z in s.numbers} - known)
+            if unknown:
+                symbols = ", ".join(chemical_symbols[z] for z in unknown)
+                raise DataError(f"{s.where()}: element(s) {symbols} occur in the {name} set but "
+                                "not in the training set, so the model cannot learn them; move "
+                                "such structures into the training data")
+
+
+def prepare_data(cfg: DataConfig, base=None) -> PreparedData:
+    """Read and split the data. `base` (a PotentialModel being fine-tuned) fixes the elements,
+    reference energies and scales; data with an element it does not know is an error."""
     path = cfg.train or demo_data_path()
     pool = read_with(cfg, path)
     f_train, f_val, f_test = cfg.split
+    if any(f < 0 for f in cfg.split) or sum(cfg.split) > 1 + 1e-9:
+        raise DataError(f"'data.split' fractions must be >= 0 and sum to at most 1, got {cfg.split}")
     test_path = cfg.test or (None if cfg.train else demo_data_path(test=True))
     validation = read_with(cfg, cfg.validation) if cfg.validation else None
     test = read_with(cfg, test_path) if test_path else None
+    # parts that come from their own files take nothing from the pool: the rest is re-shared
     fractions = [f_train, 0.0 if validation else f_val, 0.0 if test else f_test]
-    total = sum(fractions)
+    total = sum(fractions) if (validation or test) else 1.0
     train, val_cut, test_cut = split_by_fractions(pool, [f / total for f in fractions], cfg.seed)
     validation = validation if validation is not None else val_cut
     test = test if test is not None else test_cut
@@ -62,7 +83,25 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
         raise DataError(f"{path}: no training structures after the split {cfg.split}")
     if not validation:
         raise DataError(f"{path}: no validation structures: set data.validation or data.split")
-    elements = sorted({int(z) for s in train + validation + test for z in s.numbers})
+    if base is not None:
+        from ase.data import chemical_symbols
+
+        known = set(base.elements)
+        for s in train:
+            new = sorted({int(z) for z in s.numbers} - known)
+            if new:
+                raise DataError(f"{s.where()}: element(s) "
+                                f"{', '.join(chemical_symbols[z] for z in new)} unknown to the "
+                                "model being fine-tuned (training.init_from knows "
+                                f"{', '.join(chemical_symbols[z] for z in base.elements)})")
+        _check_elements_in_training(train, {"validation": validation, "test": test}, known)
+        return PreparedData(train=train, validation=validation, test=test,
+                            elements=list(base.elements),
+                            reference_energies=base.reference_energies.tolist(),
+                            force_scale=base.force_scale, energy_scale=base.energy_scale)
+    train_elements = {int(z) for s in train for z in s.numbers}
+    _check_elements_in_training(train, {"validation": validation, "test": test}, train_elements)
+    elements = sorted(train_elements)
     if cfg.reference_energies == "fit":
         ref = fit_reference_energies(train, elements)
     elif cfg.reference_energies == "zero":

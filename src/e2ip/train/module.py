@@ -1,8 +1,7 @@
-"""The Lightning module: loss, optimiser, scheduler and an EMA copy of the weights."""
+"""The Lightning module: loss, optimiser and scheduler (the weight average is a callback,
+:class:`e2ip.train.callbacks.WarmupEMA`, which swaps the averaged weights in for validation)."""
 
 from __future__ import annotations
-
-import copy
 
 import lightning as L
 import torch
@@ -14,22 +13,14 @@ from ..model import PotentialModel
 class PotentialModule(L.LightningModule):
     """Trains a :class:`PotentialModel` built from `model_spec` with the `training` options."""
 
-    def __init__(self, model_spec: dict, training: dict, dtype: str = "float32"):
+    def __init__(self, model_spec: dict, training: dict, dtype: str = "float32",
+                 initial_state: dict | None = None):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["initial_state"])
         self.model = PotentialModel(**model_spec).to(getattr(torch, dtype))
+        if initial_state is not None:  # fine-tuning: start from a trained model's weights
+            self.model.load_state_dict(initial_state)
         self.training_options = training
-        self.ema_decay = training.get("ema_decay")
-        self.ema_model = None
-        if self.ema_decay:
-            self.ema_model = copy.deepcopy(self.model)
-            for p in self.ema_model.parameters():
-                p.requires_grad_(False)
-
-    # the model used for validation and export
-    @property
-    def eval_model(self) -> PotentialModel:
-        return self.ema_model if self.ema_model is not None else self.model
 
     def compute_loss(self, model: PotentialModel, batch: AtomicGraph, create_graph: bool):
         opts = self.training_options
@@ -59,15 +50,8 @@ class PotentialModule(L.LightningModule):
                       batch_size=batch.num_graphs, prog_bar=False)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.ema_model is None:
-            return
-        with torch.no_grad():
-            for p_ema, p in zip(self.ema_model.parameters(), self.model.parameters()):
-                p_ema.lerp_(p, 1.0 - self.ema_decay)
-
     def validation_step(self, batch, batch_idx):
-        _, logs = self.compute_loss(self.eval_model, batch, create_graph=False)
+        _, logs = self.compute_loss(self.model, batch, create_graph=False)
         for k, v in logs.items():
             self.log(f"val_{k}", v, on_step=False, on_epoch=True, batch_size=batch.num_graphs,
                      prog_bar=k in ("loss", "force_mae"))

@@ -1,156 +1,86 @@
-"""`e2ip train`: read data, train with Lightning, write model.pt, metrics.json and plots."""
+"""`e2ip train`: read data, train (one model or an ensemble), calibrate, write model.pt,
+metrics.json and plots."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback
 
-from ..data.graph import GraphDataset
-from ..model import PotentialModel
-from .callbacks import EpochCSVLogger
-from .config import Config, ConfigError, dump_config
-from .datasets import PreparedData, prepare_data
-from .module import PotentialModule
+from .config import Config, ConfigError, config_diff, dump_config, flat_config, load_config
+from .datasets import prepare_data
+from .ensemble import train_ensemble
+from .fit import load_base_model, train_model
 
 log = logging.getLogger("e2ip")
 
 
-class AtomicModelCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose files are written to a temporary name and renamed into place, so a
-    crash never leaves a truncated checkpoint behind."""
-
-    def _save_checkpoint(self, trainer, filepath: str) -> None:
-        tmp = f"{filepath}.tmp"
-        trainer.save_checkpoint(tmp, self.save_weights_only)
-        if trainer.is_global_zero:
-            os.replace(tmp, filepath)
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
+#: keys that may differ on --resume without --force: they change neither the model nor the data
+RESUME_FREE_KEYS = ("training.progress_bar", "training.num_threads")
 
 
-def model_spec(cfg: Config, data: PreparedData, member: int = 0) -> dict[str, Any]:
-    return {
-        "elements": data.elements,
-        "cutoff": cfg.model.cutoff,
-        "backbone": cfg.model.backbone,
-        "backbone_options": cfg.model.backbone_options.get(cfg.model.backbone, {}),
-        "head": cfg.model.head,
-        "head_options": cfg.head,
-        "reference_energies": data.reference_energies,
-        "energy_scale": data.energy_scale,
-        "force_scale": data.force_scale,
-        "metadata": {"units": {"energy": "eV", "length": "Å", "forces": "eV/Å"},
-                     "report_units": cfg.data.report_units,
-                     "train_data": str(cfg.data.train or "demo"), "seed": cfg.training.seed + member,
-                     "n_train": len(data.train)},
-    }
+def check_resume_config(cfg: Config, out_dir: Path, force: bool) -> None:
+    """Refuse (unless `force`) to resume a run whose recorded config.yaml differs from `cfg`."""
+    recorded_path = out_dir / "config.yaml"
+    if not recorded_path.exists():
+        return
+    recorded = load_config(recorded_path)
+    changed = [k for k in config_diff(recorded, cfg) if k not in RESUME_FREE_KEYS]
+    if changed and not force:
+        old, new = flat_config(recorded), flat_config(cfg)
+        listing = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise ConfigError(f"--resume: the configuration differs from the one recorded in "
+                          f"{recorded_path} ({listing}); pass --force to resume with the new "
+                          "values, or drop the changes")
 
 
-def train_model(cfg: Config, out_dir: str | Path, *, data: PreparedData | None = None,
-                resume: bool = False, member: int = 0,
-                extra_callbacks: list[Callback] | None = None) -> PotentialModel:
-    """Train one model into `out_dir` (checkpoints/, metrics.csv); return the best (EMA) model."""
-    out_dir = Path(out_dir)
-    t = cfg.training
-    ckpt_dir = out_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    if resume and not last.exists():
-        raise ConfigError(f"--resume: no checkpoint to resume from at {last}")
-    if not resume and last.exists():
-        raise ConfigError(f"{out_dir} already holds a run; use --resume to continue it or "
-                          f"choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    L.seed_everything(t.seed + member, workers=True, verbose=False)
-    data = data or prepare_data(cfg.data)
-    dtype = getattr(torch, cfg.model.dtype)
-    module = PotentialModule(model_spec(cfg, data, member), dataclasses.asdict(t), cfg.model.dtype)
-    train_set = GraphDataset(data.train, cfg.model.cutoff)
-    val_set = GraphDataset(data.validation, cfg.model.cutoff)
-    train_loader = train_set.loader(cfg.data.batch_size, shuffle=True, dtype=dtype,
-                                    seed=t.seed + member)
-    val_loader = val_set.loader(cfg.data.eval_batch_size, dtype=dtype)
-    best = AtomicModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss",
-                                 mode="min", save_last=False, save_top_k=1,
-                                 enable_version_counter=False, save_on_train_epoch_end=True)
-    last_cb = AtomicModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
-                                    every_n_epochs=1, enable_version_counter=False,
-                                    save_on_train_epoch_end=True)
-    callbacks: list[Callback] = [best, last_cb, EpochCSVLogger(out_dir / "metrics.csv"),
-                                 EarlyStopping(monitor="val_loss", patience=t.patience, mode="min")]
-    if t.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
-    callbacks += extra_callbacks or []
-    loggers: list = []
-    if t.tensorboard:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ConfigError("'training.tensorboard' needs the tensorboard package "
-                              "(pip install tensorboard)") from None
-        loggers.append(TensorBoardLogger(out_dir, name="tensorboard", version=""))
-    trainer = L.Trainer(
-        max_epochs=t.max_epochs,
-        max_time={"minutes": t.max_time} if t.max_time else None,
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
-        gradient_clip_val=t.grad_clip, callbacks=callbacks, logger=loggers or False,
-        enable_progress_bar=t.progress_bar, inference_mode=False, enable_model_summary=False,
-        log_every_n_steps=max(1, min(50, len(train_loader))), num_sanity_val_steps=0,
-        default_root_dir=out_dir,
-    )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*GPU available but not used.*")
-        trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
-    best_path = Path(best.best_model_path) if best.best_model_path else last
-    state = torch.load(best_path, map_location="cpu", weights_only=True)
-    module.load_state_dict(state["state_dict"])
-    model = module.eval_model.cpu().eval()
-    model.metadata["epochs"] = int(state.get("epoch", 0)) + 1
-    model.metadata["trained_epochs"] = int(trainer.current_epoch)
-    return model
-
-
-def run_training(cfg: Config, out_dir: str | Path, resume: bool = False,
+def run_training(cfg: Config, out_dir: str | Path, resume: bool = False, force: bool = False,
                  extra_callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """The whole `e2ip train` job: train (one model or an ensemble), save `model.pt`, evaluate
-    on the test set (`metrics.json`, plots) and return the metrics."""
-    from ..evaluation import evaluate_and_report
+    on the test set (`metrics.json`, plots) and return the metrics.
+
+    Nothing in `out_dir` is written before the run is accepted: a folder that already holds a
+    run needs `resume`, and resuming with a changed configuration needs `force`."""
+    from ..evaluation import evaluate_and_report, write_metrics_json
 
     out_dir = Path(out_dir)
+    holds_run = (out_dir / "config.yaml").exists() or (out_dir / "checkpoints").exists() or any(
+        out_dir.glob("member_*/checkpoints"))
+    if not resume and holds_run:
+        raise ConfigError(f"{out_dir} already holds a run; use --resume to continue it or "
+                          "choose another --out")
+    if resume and not holds_run:
+        raise ConfigError(f"--resume: {out_dir} holds no run to resume")
+    if resume:
+        check_resume_config(cfg, out_dir, force)
+    base = load_base_model(cfg)
+    data = prepare_data(cfg.data, base)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if resume and force and (out_dir / "config.yaml").exists():
+        os.replace(out_dir / "config.yaml", out_dir / "config.previous.yaml")
     dump_config(cfg, out_dir / "config.yaml")
-    data = prepare_data(cfg.data)
     log.info("data: %d train, %d validation, %d test structures; elements %s",
              len(data.train), len(data.validation), len(data.test), data.elements)
+    if base is not None:
+        log.info("fine-tuning from %s: its architecture, elements, scales and reference energies "
+                 "are used (the config's model and head sections are ignored)",
+                 cfg.training.init_from)
     if cfg.ensemble.size > 1:
-        from ..ensemble import train_ensemble
-
-        model = train_ensemble(cfg, out_dir, data=data, resume=resume)
+        model = train_ensemble(cfg, out_dir, data=data, resume=resume, base=base)
     else:
         model = train_model(cfg, out_dir, data=data, resume=resume,
-                            extra_callbacks=extra_callbacks)
-    recalibrated = (cfg.training.recalibrate and model.has_uncertainty
-                    and getattr(model, "kind", "model") == "model")
-    if recalibrated:
-        factor = model.calibrate(data.validation, batch_size=cfg.data.eval_batch_size)
-        log.info("variance scale fitted on the validation set: %.4f", factor)
+                            extra_callbacks=extra_callbacks, base=base)
+    if cfg.training.recalibrate and model.has_uncertainty:
+        value = model.calibrate(data.validation, batch_size=cfg.data.eval_batch_size)
+        log.info("calibration (%s) fitted on the validation set: %.4g",
+                 model.calibration_method, value)
     model.save(out_dir / "model.pt")
     test = data.test or data.validation
     metrics = evaluate_and_report(model, test, out_dir, units=cfg.data.report_units,
                                   batch_size=cfg.data.eval_batch_size,
                                   label="test" if data.test else "validation")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_metrics_json(metrics, out_dir / "metrics.json")
     return metrics

@@ -1,0 +1,329 @@
+"""The one interface every model kind offers (a single potential, an ensemble, ...).
+
+Code above the model layer (training, evaluation, compare, the calculator, MD, active learning)
+uses only what :class:`Potential` declares and never asks which kind it holds:
+
+- ``forward(graph)`` -> ``energy`` (B,) eV, ``forces`` (N, 3) eV/Å, ``atomic_energies`` (N,),
+  ``params`` (whatever the kind needs for its uncertainty);
+- ``covariances(params, forces, form)`` -> (N, 3, 3) ``aleatoric``, ``epistemic``,
+  ``predictive`` in (eV/Å)^2 (empty without uncertainty);
+- ``predictive(params, forces, form)`` -> the per-atom predictive distribution, or None;
+- ``calibrate(structures)`` fits the kind's post-hoc calibration on held-out data; ``calibrated``,
+  ``calibration()`` describe it; ``form`` is ``"raw"`` (the model's own uncertainty) or ``"cal"``
+  (with the fitted calibration); None means ``"cal"`` when calibrated, else ``"raw"``;
+- ``predict(inputs)`` numpy predictions; ``save(path)``; ``label()`` a readable method name.
+
+The model file is a plain dictionary of tensors and built-in types, loaded with
+``torch.load(weights_only=True)``: no pickled code runs when a model is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data.graph import AtomicGraph, graph_from_structures
+from .data.readers import check_elements, validate_structure
+from .data.structures import Structure
+from .errors import ModelError
+from .predictive import Predictive
+
+MODEL_FORMAT = "e2ip-model"
+MODEL_VERSION = 1
+FORMS = ("raw", "cal")
+
+_FX_CONSTANT = re.compile(r"(^|\.)_tensor_constant\d+$")
+
+
+def portable_state_dict(state_dict: dict) -> dict:
+    """Drop the `_tensor_constant<n>` entries that copy.deepcopy of a torch.fx-compiled module
+    (e3nn's tensor products) adds to its state_dict (e.g. the weight-averaged copy in training):
+    a freshly built model has no such keys and rebuilds the constants itself."""
+    return {k: v for k, v in state_dict.items() if not _FX_CONSTANT.search(k)}
+
+
+def is_fx_constant(key: str) -> bool:
+    return bool(_FX_CONSTANT.search(key))
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch.device, or a one-line ModelError for a name torch does not know or a CUDA device
+    this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(f"unknown device {device!r} ({str(exc).splitlines()[0]})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {str(device)!r} requested, but CUDA is not available on this "
+                         "machine (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelError(f"device {str(device)!r} requested, but this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def read_model_payload(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
+    """The dictionary stored in a model file, or a one-line ModelError saying why not."""
+    path = Path(path)
+    dev = resolve_device(device)
+    if not path.exists():
+        raise ModelError(f"{path}: model file not found")
+    if path.is_dir():
+        raise ModelError(f"{path}: is a directory without a model.pt")
+    try:
+        payload = torch.load(path, map_location=dev, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelError(f"{path}: refused: the file holds pickled Python objects, not only "
+                         "tensors (loading it could run code); not an e2ip model file") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ModelError(f"{path}: not a readable e2ip model file (corrupted or truncated? "
+                         f"{first})") from None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise ModelError(f"{path}: not an e2ip model file")
+    version = payload.get("version")
+    if not isinstance(version, int) or version > MODEL_VERSION:
+        raise ModelError(f"{path}: model file format version {version!r} is newer than this e2ip "
+                         f"reads (version {MODEL_VERSION}); upgrade e2ip")
+    return payload
+
+
+def to_structures(inputs) -> list[Structure]:
+    """Normalise ase.Atoms / Structure / lists of them into a list of Structures."""
+    if isinstance(inputs, Structure):
+        return [inputs]
+    from ase import Atoms
+
+    if isinstance(inputs, Atoms):
+        return [Structure.from_atoms(inputs)]
+    out = []
+    for k, item in enumerate(inputs):
+        if isinstance(item, Structure):
+            out.append(item)
+        elif isinstance(item, Atoms):
+            out.append(Structure.from_atoms(item, frame=k))
+        else:
+            raise TypeError(f"cannot predict on {type(item).__name__}; pass ase.Atoms or Structure")
+    return out
+
+
+def traces(covs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Scalar summaries of the covariances: u_epi, u_ale (traces, (eV/Å)^2) and
+    sigma_epi = sqrt(u_epi / 3) (eV/Å); all (N,)."""
+    u_epi = covs["epistemic"].diagonal(dim1=-2, dim2=-1).sum(-1)
+    u_ale = covs["aleatoric"].diagonal(dim1=-2, dim2=-1).sum(-1)
+    return {"u_epi": u_epi, "u_ale": u_ale, "sigma_epi": torch.sqrt(u_epi / 3)}
+
+
+class Potential(nn.Module):
+    """Base of every model kind; see the module docstring for the interface."""
+
+    kind: ClassVar[str] = ""
+    #: what `calibrate` fits: "variance_scale" (covariances x s) or "variance_floor" (+ s^2 I)
+    calibration_method: ClassVar[str] = ""
+
+    elements: list[int]
+    cutoff: float
+    metadata: dict
+
+    # -- to be provided by each kind -----------------------------------------------------------
+    @property
+    def has_uncertainty(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def calibrated(self) -> bool:
+        raise NotImplementedError
+
+    def calibration_value(self) -> float:
+        """The fitted calibration parameter (only meaningful when calibrated)."""
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Potential:
+        raise NotImplementedError
+
+    def label(self) -> str:
+        raise NotImplementedError
+
+    def covariances(self, params, forces, form: str | None = None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def predictive(self, params, forces, form: str | None = None) -> Predictive | None:
+        raise NotImplementedError
+
+    def _fit_calibration(self, batches: list[tuple[AtomicGraph, dict]]) -> float:
+        """Fit and store the calibration from raw forward outputs on held-out graphs (with
+        reference forces); return the fitted value."""
+        raise NotImplementedError
+
+    def _reset_calibration(self) -> None:
+        raise NotImplementedError
+
+    def _extra_predictions(self, out: dict, covs: dict, form: str) -> dict[str, torch.Tensor]:
+        """Kind-specific extra arrays for :meth:`predict` (default: none)."""
+        return {}
+
+    # -- shared --------------------------------------------------------------------------------
+    def resolve_form(self, form: str | None) -> str:
+        """'raw' or 'cal' for `form`; None: 'cal' when calibrated, else 'raw'."""
+        if form is None:
+            return "cal" if self.calibrated else "raw"
+        if form not in FORMS:
+            raise ModelError(f"form must be 'raw' or 'cal', got {form!r}")
+        if form == "cal" and not self.calibrated:
+            raise ModelError("form 'cal' asked for, but the model is not calibrated: run "
+                             "`e2ip calibrate` (model.calibrate(validation)) first, or use 'raw'")
+        return form
+
+    def available_forms(self) -> list[str]:
+        """The forms this model can report: ['raw', 'cal'] once calibrated, else ['raw']
+        (empty without uncertainty)."""
+        if not self.has_uncertainty:
+            return []
+        return ["raw", "cal"] if self.calibrated else ["raw"]
+
+    def calibration(self) -> dict[str, Any] | None:
+        """{"method": ..., "value": ...} of the fitted calibration, or None."""
+        if not self.calibrated:
+            return None
+        return {"method": self.calibration_method, "value": float(self.calibration_value())}
+
+    def calibrate(self, structures, batch_size: int = 32) -> float:
+        """Fit the post-hoc calibration on held-out structures with reference forces (the
+        kind's own method, see `calibration_method`); store it and return the fitted value."""
+        if not self.has_uncertainty:
+            raise ModelError(f"cannot calibrate a {self.label()} model: it has no uncertainty head")
+        was_training = self.training
+        self.eval()
+        self._reset_calibration()
+        try:
+            batches = [(g, _detached(self(g, create_graph=False)))
+                       for g in self.graphs(structures, batch_size, require_forces=True)]
+        finally:
+            self.train(was_training)
+        if not batches:
+            raise ModelError("calibrate: no structures to calibrate on")
+        return self._fit_calibration(batches)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def graphs(self, inputs, batch_size: int = 32,
+               require_forces: bool = False) -> Iterator[AtomicGraph]:
+        """Batched graphs on the model's device from ase.Atoms / Structures (checked against the
+        model's elements), or AtomicGraphs passed through."""
+        if isinstance(inputs, AtomicGraph):
+            yield inputs.to(self.device)
+            return
+        if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], AtomicGraph):
+            for g in inputs:
+                yield g.to(self.device)
+            return
+        structures = to_structures(inputs)
+        check_elements(structures, self.elements)
+        for s in structures:
+            validate_structure(s, require_energy=False, require_forces=require_forces)
+        for k in range(0, len(structures), batch_size):
+            graph = graph_from_structures(structures[k:k + batch_size], self.cutoff, self.dtype)
+            yield graph.to(self.device)
+
+    def predict(self, inputs, batch_size: int = 32, form: str | None = None) -> dict[str, np.ndarray]:
+        """Predictions for ase.Atoms, Structures (or lists of them), or AtomicGraphs.
+
+        Returns numpy arrays: energy (B,) eV; forces (N, 3) eV/Å; with uncertainty the (N, 3, 3)
+        covariances `aleatoric`, `epistemic`, `predictive` in (eV/Å)^2, the scalars `u_epi`,
+        `u_ale` (traces) and `sigma_epi` = sqrt(u_epi/3) (eV/Å), plus kind-specific extras.
+        form: 'raw' / 'cal' (None: 'cal' when calibrated)."""
+        form = self.resolve_form(form) if self.has_uncertainty else None
+        was_training = self.training
+        self.eval()
+        try:
+            parts = [self.predict_graph(g, form) for g in self.graphs(inputs, batch_size)]
+        finally:
+            self.train(was_training)
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+    def predict_graph(self, graph: AtomicGraph, form: str | None = None) -> dict[str, np.ndarray]:
+        out = self(graph, create_graph=False)
+        result = {"energy": out["energy"], "forces": out["forces"]}
+        if self.has_uncertainty:
+            form = self.resolve_form(form)
+            covs = self.covariances(out["params"], out["forces"], form)
+            result.update({k: covs[k] for k in ("aleatoric", "epistemic", "predictive")})
+            result.update(traces(covs))
+            result.update(self._extra_predictions(out, covs, form))
+        return {k: v.detach().cpu().numpy() for k, v in result.items()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the model file atomically (temporary file + rename)."""
+        payload = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "kind": self.kind,
+                   "spec": self.spec(), "dtype": str(self.dtype).replace("torch.", ""),
+                   "state_dict": {k: v.detach().cpu()
+                                  for k, v in portable_state_dict(self.state_dict()).items()}}
+        atomic_torch_save(payload, path)
+
+    @classmethod
+    def from_payload(cls, payload: dict, source: str = "model file") -> Potential:
+        """Rebuild a model of this kind from a model file's dictionary."""
+        try:
+            model = cls.from_spec(payload["spec"])
+            model.to(getattr(torch, payload.get("dtype", "float32")))
+            state = portable_state_dict(payload["state_dict"])
+            model._upgrade_state(state)
+            model.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise ModelError(f"{source}: inconsistent e2ip model file ({first})") from None
+        return model
+
+    def _upgrade_state(self, state: dict) -> None:
+        """Fill in entries that files written by earlier versions lack (in place)."""
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Potential:
+        """Load a model file that must hold this kind."""
+        payload = read_model_payload(path, device)
+        kind = payload.get("kind", "model")
+        if kind != cls.kind:
+            raise ModelError(f"{path}: holds a model of kind {kind!r}, expected {cls.kind!r}")
+        return cls.from_payload(payload, str(path)).to(resolve_device(device)).eval()
+
+
+def _detached(out: dict) -> dict:
+    params = {k: v.detach() for k, v in out["params"].items()}
+    return {**{k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in out.items()},
+            "params": params}
+
+
+def check_same_elements(models: Sequence[Potential]) -> None:
+    first = models[0]
+    for m in models[1:]:
+        if m.elements != first.elements or m.cutoff != first.cutoff:
+            raise ModelError("ensemble members must share elements (same order) and cutoff")

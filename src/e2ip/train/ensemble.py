@@ -1,0 +1,34 @@
+"""Training a deep ensemble: members one after another, each with the full single-model budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..ensemble import Ensemble
+from ..model import PotentialModel
+from .config import Config
+from .datasets import PreparedData, prepare_data
+from .fit import train_model
+
+
+def train_ensemble(cfg: Config, out_dir, *, data: PreparedData | None = None,
+                   resume: bool = False, base: PotentialModel | None = None) -> Ensemble:
+    """Train `cfg.ensemble.size` members one after another (seeds training.seed + k, which also
+    sets their data order) into `out_dir/member_k/`; every member gets the whole `training` budget
+    (max_epochs / max_time), as in the paper. With `resume`, finished members are loaded and the
+    interrupted one resumes. Calibration is left to the caller (`Potential.calibrate`)."""
+    out_dir = Path(out_dir)
+    data = data or prepare_data(cfg.data, base)
+    members = []
+    for k in range(cfg.ensemble.size):
+        member_dir = out_dir / f"member_{k}"
+        done = member_dir / "model.pt"
+        if resume and done.exists():
+            members.append(PotentialModel.load(done))
+            continue
+        has_ckpt = (member_dir / "checkpoints" / "last.ckpt").exists()
+        model = train_model(cfg, member_dir, data=data, resume=resume and has_ckpt, member=k,
+                            base=base)
+        model.save(done)
+        members.append(model)
+    return Ensemble(members, metadata={"size": len(members), **members[0].metadata})

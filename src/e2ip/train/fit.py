@@ -1,0 +1,152 @@
+"""Training one potential with Lightning: checkpoints, CSV log, weight average, early stopping."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
+
+from ..data.graph import GraphDataset
+from ..model import PotentialModel
+from ..potential import portable_state_dict, read_model_payload
+from .callbacks import EpochCSVLogger, WarmupEMA
+from .config import Config, ConfigError
+from .datasets import PreparedData, prepare_data
+from .module import PotentialModule
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose files are written to a temporary name and renamed into place, so a
+    crash never leaves a truncated checkpoint behind."""
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        tmp = f"{filepath}.tmp"
+        trainer.save_checkpoint(tmp, self.save_weights_only)
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+
+
+def model_spec(cfg: Config, data: PreparedData, member: int = 0,
+               base: PotentialModel | None = None) -> dict[str, Any]:
+    """The PotentialModel keyword arguments for this run. With `base` (fine-tuning) the
+    architecture, elements, scales and reference energies are the base model's."""
+    metadata = {"units": {"energy": "eV", "length": "Å", "forces": "eV/Å"},
+                "report_units": cfg.data.report_units,
+                "train_data": str(cfg.data.train or "demo"), "seed": cfg.training.seed + member,
+                "n_train": len(data.train)}
+    if base is not None:
+        spec = base.spec()
+        metadata["init_from"] = str(cfg.training.init_from)
+        return {**spec, "metadata": metadata}
+    return {
+        "elements": data.elements,
+        "cutoff": cfg.model.cutoff,
+        "backbone": cfg.model.backbone,
+        "backbone_options": cfg.model.backbone_options.get(cfg.model.backbone, {}),
+        "head": cfg.model.head,
+        "head_options": cfg.head,
+        "reference_energies": data.reference_energies,
+        "energy_scale": data.energy_scale,
+        "force_scale": data.force_scale,
+        "metadata": metadata,
+    }
+
+
+def load_base_model(cfg: Config) -> PotentialModel | None:
+    """The trained model that `training.init_from` names (fine-tuning), or None."""
+    if not cfg.training.init_from:
+        return None
+    path = Path(cfg.training.init_from)
+    if path.is_dir():
+        path = path / "model.pt"
+    payload = read_model_payload(path)
+    if payload.get("kind", "model") != PotentialModel.kind:
+        raise ConfigError(f"'training.init_from': {path} holds a {payload.get('kind')!r}; "
+                          "fine-tuning starts from a single model (an ensemble's members are "
+                          "its member_k/model.pt files)")
+    return PotentialModel.from_payload(payload, str(path))
+
+
+def train_model(cfg: Config, out_dir: str | Path, *, data: PreparedData | None = None,
+                resume: bool = False, member: int = 0,
+                extra_callbacks: list[Callback] | None = None,
+                base: PotentialModel | None = None) -> PotentialModel:
+    """Train one model into `out_dir` (checkpoints/, metrics.csv); return the best model (its
+    weight average when `training.ema_decay` is set). `base`: start from its weights."""
+    out_dir = Path(out_dir)
+    t = cfg.training
+    ckpt_dir = out_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    if resume and not last.exists():
+        raise ConfigError(f"--resume: no checkpoint to resume from at {last}")
+    if not resume and last.exists():
+        raise ConfigError(f"{out_dir} already holds a run; use --resume to continue it or "
+                          f"choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    L.seed_everything(t.seed + member, workers=True, verbose=False)
+    data = data or prepare_data(cfg.data, base)
+    dtype = getattr(torch, cfg.model.dtype)
+    initial_state = None
+    if base is not None:
+        initial_state = {**base.state_dict(), "variance_scale": torch.ones((), dtype=torch.float64)}
+    module = PotentialModule(model_spec(cfg, data, member, base), dataclasses.asdict(t),
+                             cfg.model.dtype, initial_state=initial_state)
+    train_set = GraphDataset(data.train, module.model.cutoff)
+    val_set = GraphDataset(data.validation, module.model.cutoff)
+    train_loader = train_set.loader(cfg.data.batch_size, shuffle=True, dtype=dtype,
+                                    seed=t.seed + member)
+    val_loader = val_set.loader(cfg.data.eval_batch_size, dtype=dtype)
+    best = AtomicModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss",
+                                 mode="min", save_last=False, save_top_k=1,
+                                 enable_version_counter=False, save_on_train_epoch_end=True)
+    last_cb = AtomicModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
+                                    every_n_epochs=1, enable_version_counter=False,
+                                    save_on_train_epoch_end=True)
+    callbacks: list[Callback] = [best, last_cb, EpochCSVLogger(out_dir / "metrics.csv"),
+                                 EarlyStopping(monitor="val_loss", patience=t.patience, mode="min")]
+    if t.ema_decay:
+        callbacks.insert(0, WarmupEMA(t.ema_decay))
+    if t.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    callbacks += extra_callbacks or []
+    loggers: list = []
+    if t.tensorboard:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("'training.tensorboard' needs the tensorboard package "
+                              "(pip install tensorboard)") from None
+        loggers.append(TensorBoardLogger(out_dir, name="tensorboard", version=""))
+    trainer = L.Trainer(
+        max_epochs=t.max_epochs,
+        max_time={"minutes": t.max_time} if t.max_time else None,
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+        gradient_clip_val=t.grad_clip, callbacks=callbacks, logger=loggers or False,
+        enable_progress_bar=t.progress_bar, inference_mode=False, enable_model_summary=False,
+        log_every_n_steps=max(1, min(50, len(train_loader))), num_sanity_val_steps=0,
+        default_root_dir=out_dir,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
+    best_path = Path(best.best_model_path) if best.best_model_path else last
+    state = torch.load(best_path, map_location="cpu", weights_only=True)
+    # the checkpoint's state_dict holds the averaged weights (WarmupEMA puts them there)
+    module.load_state_dict(portable_state_dict(state["state_dict"]))
+    model = module.model.cpu().eval()
+    model.metadata["epochs"] = int(state.get("epoch", 0)) + 1
+    model.metadata["trained_epochs"] = int(trainer.current_epoch)
+    return model
