@@ -56,14 +56,12 @@ def test_exported_weights_are_the_ramped_average_of_the_trained_ones(tmp_path):
         for k in expected:
             expected[k] = d * expected[k] + (1 - d) * weights[k].double()
     exported = dict(load_model(tmp_path / "run/model.pt").named_parameters())
-    init = PotentialModel(**load_model(tmp_path / "run/model.pt").spec())
     differs_from_last = 0.0
     for k, v in expected.items():
         torch.testing.assert_close(exported[k].double(), v, rtol=1e-5, atol=1e-6)
         differs_from_last = max(differs_from_last,
                                 float((exported[k] - steps[-1][k]).abs().max()))
     assert differs_from_last > 1e-6  # it is an average, not the last weights
-    del init
 
 
 def test_short_training_ends_far_better_than_its_initialisation(tmp_path):

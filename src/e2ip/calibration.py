@@ -16,16 +16,11 @@ import numpy as np
 import torch
 from scipy import stats
 
+from .metrics import _np
 from .predictive import Predictive
 
 D = 3
 SCALE_BOUNDS = (1e-3, 1e3)
-
-
-def _np64(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().double().numpy()
-    return np.asarray(x, dtype=np.float64)
 
 
 def fit_variance_scale(predictive: Predictive, forces_ref: torch.Tensor) -> float:
@@ -43,7 +38,7 @@ def fit_variance_scale(predictive: Predictive, forces_ref: torch.Tensor) -> floa
 
 def gaussian_coverage(errors, epistemic, variance: float, level: float = 0.95) -> float:
     """Coverage(level) of N(0, U + variance I): mean(chi2_3.cdf(e^T C^-1 e) <= level)."""
-    errors, epistemic = _np64(errors), _np64(epistemic)
+    errors, epistemic = _np(errors), _np(epistemic)
     cov = epistemic + variance * np.eye(D)
     quad = np.einsum("ni,ni->n", errors, np.linalg.solve(cov, errors[..., None])[..., 0])
     return float(np.mean(stats.chi2.cdf(quad, D) <= level))
@@ -57,7 +52,7 @@ def fit_calibration_floor(errors, epistemic, target: float = 0.95, level: float 
     the chi2(3) PIT of the Mahalanobis distance, and is non-decreasing in s, so s is found by
     bisection on log s; returns the smallest s (to `tol` relative) with coverage >= target.
     """
-    errors, epistemic = _np64(errors), _np64(epistemic)
+    errors, epistemic = _np(errors), _np(epistemic)
     if errors.shape[0] == 0:
         raise ValueError("no atoms to calibrate on")
     # U = V diag(w) V^T once; then e^T (U + s^2 I)^-1 e = sum_k (V^T e)_k^2 / (w_k + s^2).

@@ -34,30 +34,26 @@ def _report_unit(text: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown unit {text!r}; choose from {', '.join(REPORT_UNITS)}")
 
 
-def _energy_unit(text: str) -> str:
-    from .data.units import energy_factor
+def _unit_checker(kind: str):
+    """An argparse type that accepts unit names e2ip.data.units knows (`kind`: energy, length)."""
+    from .data import units
 
-    try:
-        energy_factor(text)
-    except E2IPError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    factor = units.energy_factor if kind == "energy" else units.length_factor
 
+    def check(text: str) -> str:
+        try:
+            factor(text)
+        except E2IPError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
 
-def _length_unit(text: str) -> str:
-    from .data.units import length_factor
-
-    try:
-        length_factor(text)
-    except E2IPError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    return check
 
 
 def _add_read_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--energy-unit", type=_energy_unit, default=None,
+    p.add_argument("--energy-unit", type=_unit_checker("energy"), default=None,
                    help="energy unit in the file (default: eV for xyz, kcal/mol for npz)")
-    p.add_argument("--length-unit", type=_length_unit, default=None,
+    p.add_argument("--length-unit", type=_unit_checker("length"), default=None,
                    help="length unit in the file (default Å)")
     p.add_argument("--energy-key", default="energy", help="extxyz info key of the energy")
     p.add_argument("--forces-key", default="forces", help="extxyz array key of the forces")

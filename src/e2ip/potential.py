@@ -23,7 +23,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -321,9 +321,3 @@ def _detached(out: dict) -> dict:
     return {**{k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in out.items()},
             "params": params}
 
-
-def check_same_elements(models: Sequence[Potential]) -> None:
-    first = models[0]
-    for m in models[1:]:
-        if m.elements != first.elements or m.cutoff != first.cutoff:
-            raise ModelError("ensemble members must share elements (same order) and cutoff")
