@@ -147,3 +147,46 @@ def test_plain_model_report_has_no_form_and_no_uncertainty(structures, tmp_path)
     plain = PotentialModel(elements=[1, 6, 8], cutoff=4.0, head="none", backbone_options=SMALL)
     metrics, arrays = evaluate(plain, structures)
     assert metrics["form"] is None and "nll" not in metrics and arrays == {}
+
+
+def test_accuracy_and_summary_metrics_in_report_units(structures):
+    """Every accuracy figure recomputed with numpy from the predictions, in kcal/mol."""
+    model = _e2ip()
+    c = 1.0 / energy_factor("kcal/mol")
+    metrics, arrays = evaluate(model, structures, units="kcal/mol", form="raw")
+    pred = model.predict(structures, form="raw")
+    f_ref = np.concatenate([s.forces for s in structures])
+    e_ref = np.array([s.energy for s in structures])
+    n = np.array([s.n_atoms for s in structures])
+    f_err, e_err = c * (pred["forces"] - f_ref), c * np.abs(pred["energy"] - e_ref)
+    assert metrics["n_structures"] == len(structures) and metrics["n_atoms"] == n.sum()
+    assert metrics["units"] == {"energy": "kcal/mol", "forces": "kcal/mol/Å"}
+    expected = {
+        "force_mae": np.abs(f_err).mean(), "force_rmse": np.sqrt((f_err**2).mean()),
+        "energy_mae": e_err.mean(), "energy_rmse": np.sqrt((e_err**2).mean()),
+        "energy_mae_per_atom": (e_err / n).mean(),
+        "mean_epistemic": c * np.sqrt(pred["u_epi"] / 3).mean(),
+        "mean_aleatoric": c * np.sqrt(pred["u_ale"] / 3).mean(),
+    }
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-9), key
+    err_norm = np.linalg.norm(f_err, axis=-1)
+    assert metrics["spearman"] == pytest.approx(stats.spearmanr(pred["u_epi"], err_norm)[0])
+    owner = np.repeat(np.arange(len(structures)), n)
+    u_struct = np.bincount(owner, pred["u_epi"]) / n
+    rmse_struct = np.sqrt(np.bincount(owner, (f_err**2).mean(-1)) / n)
+    assert metrics["spearman_per_structure"] == pytest.approx(
+        stats.spearmanr(u_struct, rmse_struct)[0])
+    np.testing.assert_allclose(arrays["sigma_epi"], c * pred["sigma_epi"], rtol=1e-9)
+    np.testing.assert_allclose(arrays["error_norm"], err_norm, rtol=1e-9)
+    # the energy score is a distance: same samples, so exactly c times the eV figure
+    in_ev, _ = evaluate(model, structures, units="eV", form="raw")
+    assert metrics["energy_score"] == pytest.approx(c * in_ev["energy_score"], rel=1e-9)
+    # PIT of the Student-t (F(3, dof) of the Mahalanobis distance / 3) and its coverage curve
+    mu, shape, dof, y, _, _ = _scipy_student_t(model, structures)
+    e = y - mu
+    quad = np.einsum("ni,nij,nj->n", e, np.linalg.inv(shape), e)
+    pit = stats.f.cdf(quad / 3, 3, dof)
+    np.testing.assert_allclose(arrays["pit"], pit, rtol=1e-9, atol=1e-12)
+    levels, coverage = arrays["coverage_curve"]
+    np.testing.assert_allclose(coverage, [(pit <= p).mean() for p in levels])
