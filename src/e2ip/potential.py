@@ -94,7 +94,7 @@ def read_model_payload(path: str | os.PathLike, device: str | torch.device = "cp
         raise ModelError(f"{path}: refused: the file holds pickled Python objects, not only "
                          "tensors (loading it could run code); not an e2ip model file") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:120]
         raise ModelError(f"{path}: not a readable e2ip model file (corrupted or truncated? "
                          f"{first})") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
