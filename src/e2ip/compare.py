@@ -48,8 +48,6 @@ def compare_models(paths: list[Path], structures, *, out_dir: Path, units: str =
         for form, (metrics, arrays) in results.items():
             label = model.label() if len(forms) == 1 else f"{model.label()} {form}"
             metrics.update(method=label, model=str(path), n_parameters=n_params)
-            if form == "cal":
-                metrics["calibration"] = model.calibration()
             if cost is not None:
                 metrics["time_per_atom_ms"] = cost
             rows.append(metrics)

@@ -237,9 +237,6 @@ class Ensemble(Potential):
     def set_calibration_variance(self, variance: float) -> None:
         self.calibration_variance.fill_(float(variance))
 
-    def _reset_calibration(self) -> None:
-        self.calibration_variance.fill_(float("nan"))
-
     def _fit_calibration(self, batches, target: float = 0.95, level: float = 0.95) -> float:
         """s^2 such that N(mu, U_epi + s^2 I) covers `target` of the held-out atoms at `level`."""
         errors = torch.cat([g.forces.to(out["forces"].dtype) - out["forces"] for g, out in batches])

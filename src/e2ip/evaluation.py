@@ -16,6 +16,7 @@ from .data.graph import graph_from_structures
 from .data.readers import check_elements
 from .data.structures import Structure
 from .data.units import energy_factor
+from .files import atomic_write_text
 from .potential import Potential, traces
 from .predictive import Predictive, concatenate
 
@@ -216,6 +217,10 @@ def evaluate_forms(model: Potential, structures: list[Structure], forms: list[st
         metrics, arrays = compute_metrics(c, units, form, n_samples, seed)
         metrics.update(rot.get(form, {}))
         metrics["form"] = form
+        if form == "cal":  # what was applied: {method, value}, and the value under its name
+            calibration = model.calibration()
+            metrics["calibration"] = calibration
+            metrics[calibration["method"]] = calibration["value"]
         results[form] = (metrics, arrays)
     return results
 
@@ -236,9 +241,6 @@ def evaluate(model: Potential, structures: list[Structure], *, units: str = "eV"
                              rotate=rotate, seed=seed, n_samples=n_samples)
     metrics, arrays = results[form]
     if form == "cal":
-        calibration = model.calibration()
-        metrics["calibration"] = calibration
-        metrics[calibration["method"]] = calibration["value"]
         raw = results["raw"][0]
         metrics["raw"] = {k: raw[k] for k in (*UNCERTAINTY_KEYS, "delta_rho") if k in raw}
     if timing:
@@ -310,15 +312,8 @@ def json_ready(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def write_metrics_json(metrics, path: str | Path) -> None:
     """Write strict JSON (no NaN) atomically; creates the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(metrics, dict):
-        data = json_ready(metrics)
-    else:
-        data = [json_ready(m) for m in metrics]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False))
-    tmp.replace(path)
+    data = json_ready(metrics) if isinstance(metrics, dict) else [json_ready(m) for m in metrics]
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False))
 
 
 def format_table(metrics: dict[str, Any]) -> str:

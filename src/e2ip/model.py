@@ -157,9 +157,6 @@ class PotentialModel(Potential):
         factor = self._factor(form)
         return covs if factor == 1.0 else {k: v * factor for k, v in covs.items()}
 
-    def _reset_calibration(self) -> None:
-        self.variance_scale.fill_(1.0)
-
     def _fit_calibration(self, batches) -> float:
         """Variance scale minimising the mean predictive NLL on the held-out batches.
 

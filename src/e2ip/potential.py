@@ -35,6 +35,7 @@ from .data.graph import AtomicGraph, graph_from_structures
 from .data.readers import check_elements, validate_structure
 from .data.structures import Structure
 from .errors import ModelError
+from .files import atomic_torch_save
 from .predictive import Predictive
 
 MODEL_FORMAT = "e2ip-model"
@@ -53,15 +54,6 @@ def portable_state_dict(state_dict: dict) -> dict:
 
 def is_fx_constant(key: str) -> bool:
     return bool(_FX_CONSTANT.search(key))
-
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -178,9 +170,6 @@ class Potential(nn.Module):
         reference forces); return the fitted value."""
         raise NotImplementedError
 
-    def _reset_calibration(self) -> None:
-        raise NotImplementedError
-
     def _extra_predictions(self, out: dict, covs: dict, form: str) -> dict[str, torch.Tensor]:
         """Kind-specific extra arrays for :meth:`predict` (default: none)."""
         return {}
@@ -217,7 +206,6 @@ class Potential(nn.Module):
             raise ModelError(f"cannot calibrate a {self.label()} model: it has no uncertainty head")
         was_training = self.training
         self.eval()
-        self._reset_calibration()
         try:
             batches = [(g, _detached(self(g, create_graph=False)))
                        for g in self.graphs(structures, batch_size, require_forces=True)]

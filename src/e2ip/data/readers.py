@@ -244,8 +244,10 @@ def validate_structure(s: Structure, *, require_energy: bool = True, require_for
             )
 
 
-def check_elements(structures: Sequence[Structure], elements: Sequence[int]) -> None:
-    """Raise DataError if a structure holds an element the model was not trained on."""
+def check_elements(structures: Sequence[Structure], elements: Sequence[int],
+                   model: str = "the model") -> None:
+    """Raise DataError if a structure holds an element the model (described by `model` in the
+    message) was not trained on."""
     known = set(int(z) for z in elements)
     for s in structures:
         unknown = sorted(set(int(z) for z in s.numbers) - known)
@@ -255,5 +257,5 @@ def check_elements(structures: Sequence[Structure], elements: Sequence[int]) -> 
             names = ", ".join(chemical_symbols[z] for z in unknown)
             trained = ", ".join(chemical_symbols[z] for z in sorted(known))
             raise DataError(
-                f"{s.where()}: element(s) {names} unknown to the model (trained on {trained})"
+                f"{s.where()}: element(s) {names} unknown to {model} (trained on {trained})"
             )

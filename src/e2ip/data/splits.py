@@ -9,10 +9,16 @@ import numpy as np
 from .structures import DataError, Structure
 
 
+def check_split(fractions: Sequence[float], name: str = "split fractions") -> None:
+    """DataError unless every fraction is >= 0 and they sum to at most 1 (never renormalised)."""
+    if any(f < 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
+        raise DataError(f"{name} must be >= 0 and sum to at most 1, got {list(fractions)} "
+                        f"(sum {sum(fractions):g})")
+
+
 def split_by_fractions(structures: Sequence[Structure], fractions: Sequence[float], seed: int = 0):
     """Shuffle with `seed` and cut into len(fractions) parts (fractions sum to <= 1)."""
-    if any(f < 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
-        raise DataError(f"split fractions {list(fractions)} must be >= 0 and sum to <= 1")
+    check_split(fractions)
     n = len(structures)
     perm = np.random.default_rng(seed).permutation(n)
     counts = [int(round(f * n)) for f in fractions]

@@ -16,7 +16,9 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
+from ..data.splits import check_split
+from ..errors import ConfigError, DataError
+from ..files import atomic_write_text
 
 __all__ = ["Config", "ConfigError", "load_config"]
 
@@ -239,9 +241,10 @@ def config_from_dict(raw: dict | None) -> Config:
     if len(cfg.data.split) != 3:
         raise ConfigError(f"'data.split' must have 3 fractions (train, validation, test), "
                           f"got {cfg.data.split}")
-    if any(f < 0 for f in cfg.data.split) or sum(cfg.data.split) > 1 + 1e-9:
-        raise ConfigError(f"'data.split' fractions must be >= 0 and sum to at most 1, got "
-                          f"{cfg.data.split} (sum {sum(cfg.data.split):g})")
+    try:
+        check_split(cfg.data.split, "'data.split' fractions")
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
     for key in ("batch_size", "eval_batch_size"):
         if getattr(cfg.data, key) < 1:
             raise ConfigError(f"'data.{key}' must be >= 1, got {getattr(cfg.data, key)}")
@@ -316,10 +319,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the configuration as YAML, atomically (temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def flat_config(cfg: Config) -> dict[str, Any]:

@@ -8,8 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.readers import read_structures
-from ..data.splits import fit_reference_energies, reference_energies_from_file, split_by_fractions
+from ..data.readers import check_elements, read_structures
+from ..data.splits import (
+    check_split,
+    fit_reference_energies,
+    reference_energies_from_file,
+    split_by_fractions,
+)
 from ..data.structures import DataError, Structure
 from .config import DataConfig
 
@@ -62,8 +67,7 @@ def prepare_data(cfg: DataConfig, base=None) -> PreparedData:
     path = cfg.train or demo_data_path()
     pool = read_with(cfg, path)
     f_train, f_val, f_test = cfg.split
-    if any(f < 0 for f in cfg.split) or sum(cfg.split) > 1 + 1e-9:
-        raise DataError(f"'data.split' fractions must be >= 0 and sum to at most 1, got {cfg.split}")
+    check_split(cfg.split, "'data.split' fractions")
     test_path = cfg.test or (None if cfg.train else demo_data_path(test=True))
     validation = read_with(cfg, cfg.validation) if cfg.validation else None
     test = read_with(cfg, test_path) if test_path else None
@@ -84,17 +88,9 @@ def prepare_data(cfg: DataConfig, base=None) -> PreparedData:
     if not validation:
         raise DataError(f"{path}: no validation structures: set data.validation or data.split")
     if base is not None:
-        from ase.data import chemical_symbols
-
-        known = set(base.elements)
-        for s in train:
-            new = sorted({int(z) for z in s.numbers} - known)
-            if new:
-                raise DataError(f"{s.where()}: element(s) "
-                                f"{', '.join(chemical_symbols[z] for z in new)} unknown to the "
-                                "model being fine-tuned (training.init_from knows "
-                                f"{', '.join(chemical_symbols[z] for z in base.elements)})")
-        _check_elements_in_training(train, {"validation": validation, "test": test}, known)
+        check_elements(train, base.elements, "the model being fine-tuned (training.init_from)")
+        _check_elements_in_training(train, {"validation": validation, "test": test},
+                                    set(base.elements))
         return PreparedData(train=train, validation=validation, test=test,
                             elements=list(base.elements),
                             reference_energies=base.reference_energies.tolist(),
