@@ -1,4 +1,4 @@
-"""Command line: `e2ip train | evaluate | calibrate | compare`.
+"""Command line: `e2ip train | evaluate | calibrate | compare | md | active-learn`.
 
 Every problem with the input (data, configuration, model file, flags) is one line on stderr,
 `e2ip <command>: error: <message>`, and exit status 2; never a traceback."""
@@ -24,6 +24,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
     return value
 
 
@@ -119,6 +129,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", help="model files or run directories")
     _add_data_options(p)
     p.set_defaults(out="comparison")
+
+    p = sub.add_parser("md", help="molecular dynamics that watches its own uncertainty")
+    p.add_argument("model", help="model.pt (or its run directory)")
+    p.add_argument("--structure", required=True, help="starting structure (any file ASE reads)")
+    p.add_argument("--index", default="-1", help="frame of --structure to start from (default "
+                   "the last)")
+    p.add_argument("--steps", type=_non_negative_int, default=1000)
+    p.add_argument("--temperature", type=float, default=300.0, help="K (default 300)")
+    p.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
+    p.add_argument("--ensemble", choices=("nve", "langevin", "nvt", "npt"), default="langevin")
+    p.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
+    p.add_argument("--pressure", type=float, default=0.0, help="npt pressure, GPa")
+    p.add_argument("--max-uncertainty", type=float, default=None, metavar="X",
+                   help="threshold on the largest per-atom forces_uncertainty, eV/Å")
+    p.add_argument("--on-exceed", choices=("stop", "save"), default="stop",
+                   help="past the threshold: stop, or save the frame for labelling and go on")
+    p.add_argument("--bias-strength", type=float, default=None, metavar="A",
+                   help="uncertainty-driven dynamics: bias strength A in eV (see "
+                   "docs/uncertainty_in_use.md)")
+    p.add_argument("--bias-width", type=float, default=None, metavar="B",
+                   help="bias width B in eV/Å (default: 0.05)")
+    p.add_argument("--form", choices=("raw", "cal"), default=None,
+                   help="uncertainty form (default: cal when the model is calibrated)")
+    p.add_argument("--log-interval", type=_positive_int, default=1, help="steps per md.csv row")
+    p.add_argument("--traj-interval", type=_positive_int, default=10,
+                   help="steps per trajectory frame")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--out", default="md", help="output directory (default md)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("active-learn", help="active learning with a reference calculator")
+    p.add_argument("config", nargs="?", default=None, help="active-learning YAML (see "
+                   "docs/uncertainty_in_use.md)")
+    p.add_argument("--train", default=None, help="labelled structures to start from (extxyz)")
+    p.add_argument("--seeds", default=None, help="structures MD starts from (default: --train)")
+    p.add_argument("--test", action="append", default=None, metavar="FILE",
+                   help="held-out labelled set evaluated every round (repeatable)")
+    p.add_argument("--oracle", default=None, help="reference: xtb (GFN2-xTB via tblite), emt, "
+                   "or module:function returning an ASE calculator")
+    p.add_argument("--rounds", type=_non_negative_int, default=None)
+    p.add_argument("--per-round", type=_positive_int, default=None)
+    p.add_argument("--selection", choices=("uncertainty", "random"), default=None)
+    p.add_argument("--workers", type=_non_negative_int, default=None,
+                   help="labelling processes (0: in this process)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set md.steps=500 or "
+                   "--set training.training.max_epochs=50")
+    p.add_argument("--out", default="runs/active", help="output directory (resumes if it "
+                   "holds a loop with the same configuration)")
     return parser
 
 
@@ -204,6 +264,69 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_md(args) -> int:
+    from ase.io import read
+
+    from .bias import UncertaintyBias
+    from .calculator import E2IPCalculator
+    from .data.readers import read_structures
+    from .md import run_md
+
+    structures = read_structures(args.structure, index=args.index, require_energy=False,
+                                 require_forces=False)
+    if len(structures) != 1:
+        raise E2IPError(f"--index {args.index!r} selects {len(structures)} frames of "
+                        f"{args.structure}; MD starts from one")
+    atoms = structures[0].to_atoms()
+    try:
+        source = read(args.structure, index=args.index)
+        if source.has("momenta"):
+            atoms.set_momenta(source.get_momenta())
+    except Exception:  # noqa: BLE001 - momenta are optional; the structure itself was read above
+        pass
+    bias = None
+    if args.bias_strength is not None or args.bias_width is not None:
+        try:
+            bias = UncertaintyBias(args.bias_strength if args.bias_strength is not None else 0.0,
+                                   args.bias_width if args.bias_width is not None else 0.05,
+                                   form=args.form)
+        except ValueError as exc:
+            raise E2IPError(str(exc)) from None
+    calc = E2IPCalculator(_model_path(args.model), device=args.device, form=args.form, bias=bias)
+    result = run_md(atoms, calc, steps=args.steps, temperature_K=args.temperature,
+                    timestep_fs=args.timestep, ensemble=args.ensemble,
+                    friction_per_fs=args.friction, pressure_GPa=args.pressure,
+                    max_uncertainty=args.max_uncertainty, on_exceed=args.on_exceed, out=args.out,
+                    log_interval=args.log_interval, traj_interval=args.traj_interval,
+                    seed=args.seed, progress=not args.no_progress)
+    what = {"completed": "completed",
+            "uncertainty": f"stopped at step {result.steps}: forces_uncertainty passed "
+                           f"{args.max_uncertainty} eV/Å (frame in {args.out}/exceeded.extxyz)",
+            "non-finite": f"stopped at step {result.steps}: non-finite energy or forces"}
+    print(f"MD {what[result.stop_reason]}: {result.steps} steps, "
+          f"{result.steps_per_second:.1f} steps/s, max forces_uncertainty "
+          f"{result.max_uncertainty:.4g} eV/Å, {result.exceeded} step(s) over the threshold; "
+          f"log {args.out}/md.csv, trajectory {args.out}/trajectory.extxyz")
+    return 0
+
+
+def cmd_active_learn(args) -> int:
+    from .active_learning import load_al_config, run_active_learning
+
+    overrides = list(args.overrides)
+    for key, value in (("train", args.train), ("seeds", args.seeds), ("oracle", args.oracle),
+                       ("rounds", args.rounds), ("per_round", args.per_round),
+                       ("selection", args.selection), ("workers", args.workers)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.test:
+        overrides.append("test=[" + ", ".join(repr(t) for t in args.test) + "]")
+    cfg = load_al_config(args.config, overrides)
+    summary = run_active_learning(cfg, args.out)
+    print(summary)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -217,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # usage errors (one line, status 2) and --help (status 0)
         return int(exc.code or 0)
     commands = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate,
-                "compare": cmd_compare}
+                "compare": cmd_compare, "md": cmd_md, "active-learn": cmd_active_learn}
     try:
         return commands[args.command](args)
     except E2IPError as exc:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .backbones.base import scatter_sum
+from .bias import UncertaintyBias
 from .calibration import fit_calibration_floor
 from .data.graph import AtomicGraph
 from .errors import ModelError
@@ -175,39 +176,74 @@ class Ensemble(Potential):
             forces = None
         return energy, forces, atomic
 
-    def _forward_loop(self, graph: AtomicGraph, compute_forces: bool, create_graph: bool):
-        outs = [m(graph, compute_forces=compute_forces, create_graph=create_graph)
-                for m in self.members]
+    def _forward_loop(self, graph: AtomicGraph, compute_forces: bool, create_graph: bool,
+                      compute_stress: bool = False):
+        outs = [m(graph, compute_forces=compute_forces, create_graph=create_graph,
+                  compute_stress=compute_stress) for m in self.members]
         energy = torch.stack([o["energy"] for o in outs])
         atomic = torch.stack([o["atomic_energies"] for o in outs])
         forces = torch.stack([o["forces"] for o in outs]) if compute_forces else None
-        return energy, forces, atomic
+        stress = torch.stack([o["stress"] for o in outs]).mean(0) if compute_stress else None
+        return energy, forces, atomic, stress
 
     def forward(self, graph: AtomicGraph, compute_forces: bool = True,
-                create_graph: bool | None = None, batched: bool | None = None) -> dict[str, Any]:
+                create_graph: bool | None = None, compute_stress: bool = False,
+                bias: UncertaintyBias | None = None, batched: bool | None = None) -> dict[str, Any]:
         """energy (B,) eV, forces (N, 3) eV/Å, atomic_energies (N,) (member means), and params
-        {"member_forces": (M, N, 3), "member_energy": (M, B)}. `batched` overrides self.batched."""
+        {"member_forces": (M, N, 3), "member_energy": (M, B)}. `batched` overrides self.batched.
+
+        compute_stress: also `stress` (B, 3, 3) eV/Å^3, the members' mean. bias: forces of
+        E + E_bias (E_bias from the member spread, which needs the derivative of the member
+        forces: a second-order pass through the members, one by one) and `bias_energy` (B,)."""
         if create_graph is None:
             create_graph = self.training
+        if bias is not None:
+            return self._forward_biased(graph, bias, create_graph, compute_stress)
         batched = self.batched if batched is None else batched
         if batched is None:
             batched = graph.positions.is_cuda
         result = None
-        if batched and not self._vmap_failed and self.can_batch():
+        if batched and not compute_stress and not self._vmap_failed and self.can_batch():
             try:
-                result = self._forward_batched(graph, compute_forces, create_graph)
+                result = (*self._forward_batched(graph, compute_forces, create_graph), None)
             except (RuntimeError, NotImplementedError) as exc:  # a backbone vmap cannot handle
                 self._vmap_failed = True
                 warnings.warn(f"ensemble: batched (vmap) evaluation failed ({exc}); "
                               "evaluating the members one by one from now on", stacklevel=2)
         if result is None:
-            result = self._forward_loop(graph, compute_forces, create_graph)
-        energy, forces, atomic = result
+            result = self._forward_loop(graph, compute_forces, create_graph, compute_stress)
+        energy, forces, atomic, stress = result
         params = {"member_energy": energy}
         if forces is not None:
             params["member_forces"] = forces
-        return {"energy": energy.mean(0), "forces": None if forces is None else forces.mean(0),
-                "atomic_energies": atomic.mean(0), "params": params}
+        out = {"energy": energy.mean(0), "forces": None if forces is None else forces.mean(0),
+               "atomic_energies": atomic.mean(0), "params": params}
+        if stress is not None:
+            out["stress"] = stress
+        return out
+
+    def _forward_biased(self, graph: AtomicGraph, bias: UncertaintyBias, create_graph: bool,
+                        compute_stress: bool) -> dict[str, Any]:
+        if compute_stress:
+            raise ModelError("stress with an uncertainty bias is not available for ensembles "
+                             "(use a constant-volume ensemble)")
+        dtype = next(self.parameters()).dtype
+        with torch.enable_grad():
+            positions = graph.positions.to(dtype).detach().requires_grad_(True)
+            graph = AtomicGraph(**{**graph.__dict__, "positions": positions})
+            out = self.forward(graph, create_graph=True)
+            u_epi = self.epistemic(out["params"]["member_forces"]).diagonal(dim1=-2, dim2=-1).sum(-1)
+            bias_energy = bias.energy(u_epi, graph.batch, graph.n_atoms, graph.num_graphs)
+            (grad,) = torch.autograd.grad(bias_energy.sum(), positions, create_graph=create_graph)
+        out["forces"] = out["forces"] - grad
+        out["bias_energy"] = bias_energy
+        if not create_graph:
+            out = _detach_tree(out)
+        return out
+
+    def energy_uncertainty(self, params) -> torch.Tensor | None:
+        """Standard deviation of the member energies (B,) in eV."""
+        return params["member_energy"].std(0, unbiased=False)
 
     # -- uncertainty -------------------------------------------------------------------------
     def floor(self, form: str | None = None) -> float:
@@ -244,3 +280,8 @@ class Ensemble(Potential):
         s = fit_calibration_floor(errors, epistemic, target=target, level=level)
         self.set_calibration_variance(s**2)
         return s**2
+
+
+def _detach_tree(out: dict) -> dict:
+    return {k: (_detach_tree(v) if isinstance(v, dict) else
+                v.detach() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}

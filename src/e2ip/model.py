@@ -9,9 +9,10 @@ import torch
 
 from .backbones import get_backbone
 from .backbones.base import scatter_sum
+from .bias import UncertaintyBias
 from .calibration import fit_variance_scale
 from .data.graph import AtomicGraph
-from .errors import DataError
+from .errors import DataError, ModelError
 from .heads import FeatureDims, get_head
 from .potential import Potential
 from .predictive import StudentT, concatenate
@@ -90,29 +91,60 @@ class PotentialModel(Potential):
         return species
 
     def forward(self, graph: AtomicGraph, compute_forces: bool = True,
-                create_graph: bool | None = None) -> dict[str, Any]:
-        """energy (B,) eV, forces (N, 3) eV/Å, atomic_energies (N,), params (head parameters)."""
+                create_graph: bool | None = None, compute_stress: bool = False,
+                bias: UncertaintyBias | None = None) -> dict[str, Any]:
+        """energy (B,) eV, forces (N, 3) eV/Å, atomic_energies (N,), params (head parameters).
+
+        compute_stress: also `stress` (B, 3, 3) = (1/V) dE/d(strain) in eV/Å^3 (ASE's sign
+        convention), from a symmetric strain applied to positions and cell (periodic graphs).
+        bias: an :class:`~e2ip.bias.UncertaintyBias`; then `forces` (and `stress`) are those of
+        E + E_bias, from the same single backward pass, and `bias_energy` (B,) is added (the
+        bias needs an uncertainty head)."""
         if create_graph is None:
             create_graph = self.training
         species = self.species(graph.numbers)
         dtype = next(self.parameters()).dtype
         positions = graph.positions.to(dtype)
+        cell = graph.cell.to(dtype)
+        if bias is not None and not self.has_uncertainty:
+            raise ModelError(f"an uncertainty bias needs an uncertainty head; {self.label()} has none")
+        out: dict[str, Any] = {}
         with torch.enable_grad():
             if compute_forces and not positions.requires_grad:
                 positions = positions.detach().requires_grad_(True)
-            graph = AtomicGraph(**{**graph.__dict__, "positions": positions,
-                                   "cell": graph.cell.to(dtype)})
-            features = self.backbone(species, graph.edge_index, graph.edge_vectors(positions),
+            wrt = [positions]
+            deformed = positions
+            if compute_stress:
+                strain = torch.zeros_like(cell).requires_grad_(True)
+                sym = 0.5 * (strain + strain.transpose(1, 2))
+                deformed = positions + torch.einsum("ni,nij->nj", positions, sym[graph.batch])
+                cell = cell + torch.bmm(cell, sym)
+                wrt.append(strain)
+            graph = AtomicGraph(**{**graph.__dict__, "positions": deformed, "cell": cell})
+            features = self.backbone(species, graph.edge_index, graph.edge_vectors(deformed),
                                      graph.batch, graph.num_graphs)
             atomic = features.atomic_energy * self.energy_scale + self.reference_energies[
                 species].to(dtype)
             energy = scatter_sum(atomic, graph.batch, graph.num_graphs)
-            forces = None
+            params = self.head(features) if bias is not None else None
             if compute_forces:
-                (grad,) = torch.autograd.grad(energy.sum(), positions, create_graph=create_graph)
-                forces = -grad
-        params = self.head(features)
-        return {"energy": energy, "forces": forces, "atomic_energies": atomic, "params": params}
+                total = energy
+                if bias is not None:
+                    u_epi = self.covariances(params, None, bias.form)["epistemic"].diagonal(
+                        dim1=-2, dim2=-1).sum(-1)
+                    out["bias_energy"] = bias.energy(u_epi, graph.batch, graph.n_atoms,
+                                                     graph.num_graphs)
+                    total = energy + out["bias_energy"]
+                grads = torch.autograd.grad(total.sum(), wrt, create_graph=create_graph)
+                out["forces"] = -grads[0]
+                if compute_stress:
+                    volume = torch.linalg.det(cell.detach()).abs()
+                    out["stress"] = grads[1] / volume[:, None, None]
+        if params is None:
+            params = self.head(features)
+        out.update({"energy": energy, "atomic_energies": atomic, "params": params})
+        out.setdefault("forces", None)
+        return out
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> PotentialModel:

@@ -170,6 +170,10 @@ class Potential(nn.Module):
         reference forces); return the fitted value."""
         raise NotImplementedError
 
+    def energy_uncertainty(self, params) -> torch.Tensor | None:
+        """Per-structure energy uncertainty (B,) in eV where the kind has one (default: none)."""
+        return None
+
     def _extra_predictions(self, out: dict, covs: dict, form: str) -> dict[str, torch.Tensor]:
         """Kind-specific extra arrays for :meth:`predict` (default: none)."""
         return {}

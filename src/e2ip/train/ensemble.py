@@ -12,13 +12,15 @@ from .fit import train_model
 
 
 def train_ensemble(cfg: Config, out_dir, *, data: PreparedData | None = None,
-                   resume: bool = False, base: PotentialModel | None = None) -> Ensemble:
+                   resume: bool = False, base: PotentialModel | Ensemble | None = None) -> Ensemble:
     """Train `cfg.ensemble.size` members one after another (seeds training.seed + k, which also
     sets their data order) into `out_dir/member_k/`; every member gets the whole `training` budget
-    (max_epochs / max_time), as in the paper. With `resume`, finished members are loaded and the
+    (max_epochs / max_time), as in the paper. `base`: fine-tune every member from it (from the
+    matching member of an ensemble). With `resume`, finished members are loaded and the
     interrupted one resumes. Calibration is left to the caller (`Potential.calibrate`)."""
     out_dir = Path(out_dir)
-    data = data or prepare_data(cfg.data, base)
+    bases = list(base.members) if isinstance(base, Ensemble) else [base] * cfg.ensemble.size
+    data = data or prepare_data(cfg.data, bases[0])
     members = []
     for k in range(cfg.ensemble.size):
         member_dir = out_dir / f"member_{k}"
@@ -28,7 +30,7 @@ def train_ensemble(cfg: Config, out_dir, *, data: PreparedData | None = None,
             continue
         has_ckpt = (member_dir / "checkpoints" / "last.ckpt").exists()
         model = train_model(cfg, member_dir, data=data, resume=resume and has_ckpt, member=k,
-                            base=base)
+                            base=bases[k])
         model.save(done)
         members.append(model)
     return Ensemble(members, metadata={"size": len(members), **members[0].metadata})

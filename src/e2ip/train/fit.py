@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 
 from ..data.graph import GraphDataset
+from ..ensemble import Ensemble
 from ..model import PotentialModel
 from ..potential import portable_state_dict, read_model_payload
 from .callbacks import EpochCSVLogger, WarmupEMA
@@ -60,18 +61,26 @@ def model_spec(cfg: Config, data: PreparedData, member: int = 0,
     }
 
 
-def load_base_model(cfg: Config) -> PotentialModel | None:
-    """The trained model that `training.init_from` names (fine-tuning), or None."""
+def load_base_model(cfg: Config) -> PotentialModel | Ensemble | None:
+    """The trained model that `training.init_from` names (fine-tuning), or None. An ensemble is
+    fine-tuned member by member (`ensemble.size` must match)."""
     if not cfg.training.init_from:
         return None
     path = Path(cfg.training.init_from)
     if path.is_dir():
         path = path / "model.pt"
     payload = read_model_payload(path)
-    if payload.get("kind", "model") != PotentialModel.kind:
-        raise ConfigError(f"'training.init_from': {path} holds a {payload.get('kind')!r}; "
-                          "fine-tuning starts from a single model (an ensemble's members are "
-                          "its member_k/model.pt files)")
+    kind = payload.get("kind", "model")
+    if kind == Ensemble.kind:
+        base = Ensemble.from_payload(payload, str(path))
+        if base.num_members != cfg.ensemble.size:
+            raise ConfigError(f"'training.init_from': {path} is an ensemble of "
+                              f"{base.num_members}; set ensemble.size: {base.num_members} to "
+                              "fine-tune it member by member")
+        return base
+    if kind != PotentialModel.kind:
+        raise ConfigError(f"'training.init_from': {path} holds a {kind!r}, which cannot be "
+                          "fine-tuned")
     return PotentialModel.from_payload(payload, str(path))
 
 

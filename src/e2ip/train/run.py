@@ -10,6 +10,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
+from ..ensemble import Ensemble
 from .config import Config, ConfigError, config_diff, dump_config, flat_config, load_config
 from .datasets import prepare_data
 from .ensemble import train_ensemble
@@ -57,7 +58,10 @@ def run_training(cfg: Config, out_dir: str | Path, resume: bool = False, force: 
     if resume:
         check_resume_config(cfg, out_dir, force)
     base = load_base_model(cfg)
-    data = prepare_data(cfg.data, base)
+    if isinstance(base, Ensemble) and cfg.ensemble.size == 1:
+        raise ConfigError(f"'training.init_from' is an ensemble of {base.num_members}; set "
+                          f"ensemble.size: {base.num_members} to fine-tune it")
+    data = prepare_data(cfg.data, base.members[0] if isinstance(base, Ensemble) else base)
     out_dir.mkdir(parents=True, exist_ok=True)
     if resume and force and (out_dir / "config.yaml").exists():
         os.replace(out_dir / "config.yaml", out_dir / "config.previous.yaml")

@@ -1,0 +1,236 @@
+"""Active learning on ethanol with GFN2-xTB (tblite) as the oracle: e2IP-selected vs random vs
+ensemble-selected frames, and what uncertainty-aware and uncertainty-driven MD do.
+
+1. Reference data, all labelled by GFN2-xTB: Langevin MD with xTB at 300 K (the 50 starting
+   frames, and an independent trajectory for the 300 K test set) and at 600 K (test set).
+2. Active learning (`e2ip.active_learning`), 5 rounds x 10 frames from 50, candidates from 500 K
+   model MD; strategies: e2ip (single PaiNN + e2IP, select by its epistemic uncertainty), random
+   (same model, random frames), ensemble (5 plain PaiNN members, each with the full budget,
+   select by their spread); 3 seeds each. Force MAE on both test sets vs labelled frames.
+3. Uncertainty-aware MD: the round-0 e2IP models at 1200 K, plain vs stopped at a threshold
+   (3x the largest forces_uncertainty on the training frames); a blow-up is a C-H/C-C/C-O/O-H bond
+   past 2 Å or an xTB force error above 10 eV/Å (checked every 10 steps).
+4. Uncertainty-driven MD at 300 K vs plain MD at 300 K: diversity of the frames (xTB energy
+   spread, model force error against xTB, descriptor spread).
+
+    python benchmarks/active_learning_xtb.py [--phases data,al,stop,bias] [--seeds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import units
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import read, write
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks/runs/al_xtb"
+RESULTS = ROOT / "benchmarks/results/active_learning_xtb.json"
+STRATEGIES = ("e2ip", "random", "ensemble")
+MODEL = {"model": {"cutoff": 4.0, "painn": {"num_features": 32, "num_layers": 2}},
+         "head": {"hidden": 32},
+         "data": {"batch_size": 8},
+         "training": {"max_epochs": 40, "num_threads": 1, "patience": 1000}}
+
+
+def xtb():
+    from tblite.ase import TBLite
+
+    return TBLite(method="GFN2-xTB", verbosity=0)
+
+
+def xtb_md(start, temperature: float, steps: int, every: int, seed: int):
+    atoms = start.copy()
+    atoms.calc = xtb()
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
+    dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=temperature, friction=0.02 / units.fs,
+                   fixcm=False, rng=np.random.default_rng(seed))
+    frames = []
+    for _ in dyn.irun(steps):
+        if dyn.nsteps % every == 0 and dyn.nsteps >= 400:  # skip 200 fs of equilibration
+            f = atoms.copy()
+            f.calc = SinglePointCalculator(f, energy=atoms.get_potential_energy(),
+                                           forces=atoms.get_forces())
+            frames.append(f)
+    return frames
+
+
+def make_data(out: Path) -> None:
+    from e2ip.data.readers import read_structures
+
+    start = read_structures(ROOT / "src/e2ip/data/demo/rmd17_ethanol_demo.npz", index=":1")[0]
+    start = start.to_atoms()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    write(out / "train_300K.extxyz", xtb_md(start, 300, 400 + 50 * 40, 40, seed=1))
+    write(out / "test_300K.extxyz", xtb_md(start, 300, 400 + 100 * 20, 20, seed=2))
+    write(out / "test_600K.extxyz", xtb_md(start, 600, 400 + 100 * 20, 20, seed=3))
+    print(f"reference data: {time.perf_counter() - t0:.0f} s of GFN2-xTB MD")
+
+
+def run_al(out: Path, seeds: int) -> dict:
+    from e2ip.active_learning import load_al_config, run_active_learning
+
+    curves = {}
+    for strategy in STRATEGIES:
+        for seed in range(seeds):
+            training = json.loads(json.dumps(MODEL))
+            if strategy == "ensemble":
+                training["model"]["head"] = "none"
+                training.pop("head")
+                training["ensemble"] = {"size": 5}
+            cfg = load_al_config(None, [
+                f"train={out / 'train_300K.extxyz'}",
+                f"test=['{out / 'test_300K.extxyz'}', '{out / 'test_600K.extxyz'}']",
+                "oracle=xtb", "rounds=5", "per_round=10", f"seed={seed}", "workers=0",
+                "selection=" + ("random" if strategy == "random" else "uncertainty"),
+                "md.steps=400", "md.temperature=500", "md.interval=10", "md.trajectories=4",
+                f"training={json.dumps(training)}"])
+            t0 = time.perf_counter()
+            run_active_learning(cfg, out / f"{strategy}_seed{seed}")
+            rows = []
+            for r in range(6):
+                ev = json.loads((out / f"{strategy}_seed{seed}/round_{r:02d}/evaluation.json")
+                                .read_text())
+                rows.append({"labelled": ev["labelled"], "mae_300K": ev["test_300K"]["force_mae"],
+                             "mae_600K": ev["test_600K"]["force_mae"]})
+            curves[f"{strategy}_seed{seed}"] = {"rows": rows,
+                                                "wall_s": time.perf_counter() - t0}
+            print(strategy, seed, [round(r["mae_600K"], 4) for r in rows], flush=True)
+    return curves
+
+
+def bonds(atoms):
+    d = atoms.get_all_distances()
+    heavy = atoms.numbers != 1
+    pairs = [(i, j) for i in range(len(atoms)) for j in range(i + 1, len(atoms))
+             if (heavy[i] or heavy[j]) and d[i, j] < 1.7]
+    return pairs
+
+
+def blown_up(atoms, pairs, model_forces) -> bool:
+    d = atoms.get_all_distances()
+    if any(d[i, j] > 2.0 for i, j in pairs):
+        return True
+    ref = atoms.copy()
+    ref.calc = xtb()
+    return bool(np.abs(ref.get_forces() - model_forces).max() > 10.0)
+
+
+def run_stop(out: Path, seeds: int) -> dict:
+    """Uncertainty-aware MD at 1200 K with the round-0 e2IP models."""
+    from e2ip.calculator import E2IPCalculator
+
+    train = read(out / "train_300K.extxyz", index=":")
+    rows = []
+    for seed in range(seeds):
+        model = out / f"e2ip_seed{seed}/round_00/model/model.pt"
+        calc = E2IPCalculator(model)
+        u_train = []
+        for a in train:
+            a = a.copy()
+            a.calc = calc
+            u_train.append(float(calc.get_property("forces_uncertainty", a).max()))
+        threshold = 3 * max(u_train)
+        for run in range(5):
+            atoms = train[run].copy()
+            atoms.calc = E2IPCalculator(model)
+            pairs = bonds(atoms)
+            MaxwellBoltzmannDistribution(atoms, temperature_K=1200,
+                                         rng=np.random.default_rng(100 * seed + run))
+            dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=1200, friction=0.02 / units.fs,
+                           fixcm=False, rng=np.random.default_rng(100 * seed + run))
+            first_exceed, blow_up = None, None
+            for _ in dyn.irun(3000):
+                step = dyn.nsteps
+                u = float(atoms.calc.results["forces_uncertainty"].max())
+                if first_exceed is None and u > threshold:
+                    first_exceed = step
+                if step % 10 == 0 and blown_up(atoms, pairs, atoms.calc.results["forces"]):
+                    blow_up = step
+                    break
+            rows.append({"seed": seed, "run": run, "threshold": threshold,
+                         "first_exceed": first_exceed, "blow_up": blow_up})
+            print(rows[-1], flush=True)
+    return {"runs": rows}
+
+
+def descriptor_spread(frames) -> float:
+    from e2ip.active_learning import distance_histogram
+
+    d = np.stack([distance_histogram(f) for f in frames])
+    return float(np.linalg.norm(d - d.mean(0), axis=1).mean())
+
+
+def run_bias(out: Path, seeds: int) -> dict:
+    """Plain vs uncertainty-driven MD at 300 K with the round-0 e2IP models."""
+    from e2ip.bias import UncertaintyBias
+    from e2ip.calculator import E2IPCalculator
+    from e2ip.md import run_md
+
+    train = read(out / "train_300K.extxyz", index=":")
+    rows = []
+    for seed in range(seeds):
+        model = out / f"e2ip_seed{seed}/round_00/model/model.pt"
+        calc = E2IPCalculator(model)
+        u = []
+        for a in train[:10]:
+            a = a.copy()
+            a.calc = calc
+            u.append(np.sqrt(np.mean(calc.get_property("forces_uncertainty", a) ** 2)))
+        width = float(np.mean(u))
+        for name, bias in (("plain", None), ("biased", UncertaintyBias(0.5, width))):
+            frames = []
+            for run in range(4):
+                res = run_md(train[run], E2IPCalculator(model, bias=bias), steps=1000,
+                             temperature_K=300, traj_interval=20, seed=10 * seed + run,
+                             keep_frames=True, progress=False)
+                frames += res.frames[1:]
+            energies, errors = [], []
+            for f in frames:
+                ref = f.copy()
+                ref.calc = xtb()
+                energies.append(ref.get_potential_energy())
+                errors.append(float(np.abs(ref.get_forces() - f.arrays["e2ip_forces"]).mean()))
+            rows.append({"seed": seed, "md": name, "width": width, "frames": len(frames),
+                         "xtb_energy_std": float(np.std(energies)),
+                         "model_force_mae_vs_xtb": float(np.mean(errors)),
+                         "mean_forces_uncertainty": float(np.mean(
+                             [f.arrays["forces_uncertainty"].mean() for f in frames])),
+                         "descriptor_spread": descriptor_spread(frames)})
+            print(rows[-1], flush=True)
+    return {"runs": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--phases", default="data,al,stop,bias")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results["threads"] = 1
+    phases = args.phases.split(",")
+    if "data" in phases and not (out / "test_600K.extxyz").exists():
+        make_data(out)
+    for phase, fn in (("al", run_al), ("stop", run_stop), ("bias", run_bias)):
+        if phase in phases:
+            t0 = time.perf_counter()
+            results[phase] = fn(out, args.seeds)
+            results[phase + "_wall_s"] = time.perf_counter() - t0
+            RESULTS.write_text(json.dumps(results, indent=1))
+    print(f"written to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
