@@ -215,3 +215,21 @@ def test_cli_active_learn_errors(tmp_path, capsys):
 
 def test_make_oracle_builds_calculators():
     assert isinstance(make_oracle("emt"), EMT)
+
+
+def test_cli_active_learn_from_a_yaml_file(emt_data, tmp_path, capsys):
+    import yaml
+
+    train, test = emt_data
+    config = {"train": str(train), "test": [str(test)], "oracle": "emt", "rounds": 0,
+              "md": {"steps": 10}, "training": {
+                  "model": {"cutoff": 4.0, "painn": {"num_features": 8, "num_layers": 1}},
+                  "head": {"hidden": 8}, "training": {"max_epochs": 2, "num_threads": 1}}}
+    (tmp_path / "al.yaml").write_text(yaml.safe_dump(config))
+    code = main(["active-learn", str(tmp_path / "al.yaml"), "--out", str(tmp_path / "al")])
+    assert code == 0 and "test_force_mae" in capsys.readouterr().out
+    assert (tmp_path / "al/learning_curve.csv").read_text().startswith("round,labelled,")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    code = main(["active-learn", str(tmp_path / "bad.yaml")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not valid YAML" in err and len(err.strip().splitlines()) == 1

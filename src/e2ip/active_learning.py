@@ -46,7 +46,7 @@ from ase.io import read, write
 from .errors import ConfigError
 from .files import atomic_write_text
 from .oracle import check_oracle, label
-from .train.config import _build_section, apply_overrides, config_from_dict
+from .train.config import _build_section, apply_overrides, config_from_dict, read_yaml_mapping
 
 log = logging.getLogger("e2ip")
 
@@ -106,17 +106,7 @@ class ALConfig:
 
 def load_al_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> ALConfig:
     """Read and validate an active-learning YAML (None: defaults) with key=value overrides."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+    raw = read_yaml_mapping(path) if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
     md = raw.pop("md", None) or {}
     if isinstance(raw.get("test"), str):
