@@ -215,10 +215,12 @@ def main() -> None:
     ap.add_argument("--phases", default="data,al,stop,bias")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--results", default=str(RESULTS), help="JSON file the phases are merged into")
     args = ap.parse_args()
+    results_path = Path(args.results)
     torch.set_num_threads(1)
     out = Path(args.out)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["threads"] = 1
     phases = args.phases.split(",")
     if "data" in phases and not (out / "test_600K.extxyz").exists():
@@ -228,8 +230,8 @@ def main() -> None:
             t0 = time.perf_counter()
             results[phase] = fn(out, args.seeds)
             results[phase + "_wall_s"] = time.perf_counter() - t0
-            RESULTS.write_text(json.dumps(results, indent=1))
-    print(f"written to {RESULTS}")
+            results_path.write_text(json.dumps(results, indent=1))
+    print(f"written to {results_path}")
 
 
 if __name__ == "__main__":

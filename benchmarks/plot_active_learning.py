@@ -1,4 +1,4 @@
-"""Plot benchmarks/results/active_learning_xtb.json: force MAE vs labelled frames per strategy
+"""Plot the active-learning runs of benchmarks/active_learning_xtb.py: force MAE vs labelled frames per strategy
 (mean ± std over seeds), 300 K and 600 K test sets -> docs/active_learning_xtb.png, and print a
 markdown table.
 
@@ -21,20 +21,30 @@ LABELS = {"e2ip": "e2IP-selected", "random": "random (e2IP model)",
           "ensemble": "ensemble-selected (5 members)"}
 
 
-def curves(al: dict) -> dict:
+def curves(runs_dir: Path) -> dict:
+    """{strategy: [rows per seed]} from the finished runs' round_*/evaluation.json files."""
     out = {}
-    for key, run in al.items():
-        strategy = key.rsplit("_seed", 1)[0]
-        out.setdefault(strategy, []).append(run["rows"])
+    for run in sorted(runs_dir.glob("*_seed*")):
+        files = sorted(run.glob("round_*/evaluation.json"))
+        if len(files) < 6:
+            continue  # unfinished
+        rows = []
+        for f in files:
+            ev = json.loads(f.read_text())
+            rows.append({"labelled": ev["labelled"], "mae_300K": ev["test_300K"]["force_mae"],
+                         "mae_600K": ev["test_600K"]["force_mae"]})
+        out.setdefault(run.name.rsplit("_seed", 1)[0], []).append(rows)
     return out
 
 
 def main() -> None:
-    result = json.loads((ROOT / "benchmarks/results/active_learning_xtb.json").read_text())
-    data = curves(result["al"])
+    data = curves(ROOT / "benchmarks/runs/al_xtb")
+    summary = {k: v for k, v in data.items()}
+    (ROOT / "benchmarks/results/active_learning_curves.json").write_text(json.dumps(summary,
+                                                                                  indent=1))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=False)
     lines = ["| strategy | seeds | " + " | ".join(
-        f"{t} MAE @ {n}" for t in ("300 K", "600 K") for n in (50, 100)) + " |",
+        f"{t} MAE @ {n} frames" for t in ("300 K", "600 K") for n in (51, 101)) + " |",
         "|---|---|---|---|---|---|"]
     for strategy, runs in data.items():
         labelled = np.array([r["labelled"] for r in runs[0]])
