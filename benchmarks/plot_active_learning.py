@@ -1,6 +1,6 @@
 """Plot the active-learning runs of benchmarks/active_learning_xtb.py: force MAE vs labelled
-frames per strategy (mean ± std over seeds), 300 K and 600 K test sets -> docs/active_learning_xtb.png, and print a
-markdown table.
+frames per strategy (mean ± std over seeds), 300 K and 600 K test sets ->
+docs/active_learning_xtb.png, and print a markdown table.
 
     python benchmarks/plot_active_learning.py
 """
