@@ -125,6 +125,19 @@ def blown_up(atoms, pairs, model_forces) -> bool:
     return bool(np.abs(ref.get_forces() - model_forces).max() > 10.0)
 
 
+def per_atom_uncertainties(model: Path, frames) -> list:
+    """The calculator's per-atom forces_uncertainty (eV/Å) for each frame."""
+    from e2ip.calculator import E2IPCalculator
+
+    calc = E2IPCalculator(model)
+    out = []
+    for a in frames:
+        a = a.copy()
+        a.calc = calc
+        out.append(calc.get_property("forces_uncertainty", a))
+    return out
+
+
 def run_stop(out: Path, seeds: int) -> dict:
     """Uncertainty-aware MD at 1200 K with the round-0 e2IP models."""
     from e2ip.calculator import E2IPCalculator
@@ -133,13 +146,7 @@ def run_stop(out: Path, seeds: int) -> dict:
     rows = []
     for seed in range(seeds):
         model = out / f"e2ip_seed{seed}/round_00/model/model.pt"
-        calc = E2IPCalculator(model)
-        u_train = []
-        for a in train:
-            a = a.copy()
-            a.calc = calc
-            u_train.append(float(calc.get_property("forces_uncertainty", a).max()))
-        threshold = 3 * max(u_train)
+        threshold = 3 * max(float(u.max()) for u in per_atom_uncertainties(model, train))
         for run in range(5):
             atoms = train[run].copy()
             atoms.calc = E2IPCalculator(model)
@@ -180,13 +187,8 @@ def run_bias(out: Path, seeds: int) -> dict:
     rows = []
     for seed in range(seeds):
         model = out / f"e2ip_seed{seed}/round_00/model/model.pt"
-        calc = E2IPCalculator(model)
-        u = []
-        for a in train[:10]:
-            a = a.copy()
-            a.calc = calc
-            u.append(np.sqrt(np.mean(calc.get_property("forces_uncertainty", a) ** 2)))
-        width = float(np.mean(u))
+        width = float(np.mean([np.sqrt(np.mean(u**2))
+                               for u in per_atom_uncertainties(model, train[:10])]))
         for name, bias in (("plain", None), ("biased", UncertaintyBias(0.5, width))):
             frames = []
             for run in range(4):

@@ -178,6 +178,9 @@ def test_select_diverse_matches_a_brute_force_reference():
         ref.append(max(rest, key=lambda p: min(np.linalg.norm(desc[p] - desc[q]) for q in ref)))
     assert chosen == [int(r) for r in ref]
     assert select_diverse(scores[:3], desc[:3], k=5, pool_factor=2) == list(np.argsort(-scores[:3]))
+    # identical descriptors: still k different frames
+    same = select_diverse(scores, np.zeros((40, 5)), k=4, pool_factor=3)
+    assert len(set(same)) == 4
 
 
 def test_oracle_failures_are_reported_not_raised():

@@ -194,3 +194,16 @@ def test_fine_tuning_starts_from_the_trained_model(tmp_path):
     with pytest.raises(DataError, match="element.s. N unknown to the model being fine-tuned"):
         run_training(cfg, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("members, size", [(2, 1), (2, 3), (1, 1)])
+def test_fine_tuning_an_ensemble_needs_its_member_count(tmp_path, members, size):
+    from e2ip import Ensemble
+
+    models = [PotentialModel(elements=[1, 6, 8], cutoff=4.0, head="none") for _ in range(members)]
+    Ensemble(models).save(tmp_path / "ensemble.pt")
+    cfg = load_config(None, TINY + [f"training.init_from={tmp_path / 'ensemble.pt'}",
+                                    f"ensemble.size={size}"])
+    with pytest.raises(ConfigError, match=f"set ensemble.size: {members}"):
+        run_training(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -324,16 +324,14 @@ def _evaluate(rnd: _Round, model_path: Path, tests: dict, labelled: Path) -> Non
     target = rnd.file("evaluation.json")
     if target.exists():
         return
+    from .metrics import force_errors
     from .model_io import load_model
 
     model = load_model(model_path)
     result: dict[str, Any] = {"round": rnd.index, "labelled": len(_read_frames(labelled))}
     for name, structures in tests.items():
         pred = model.predict(structures)
-        ref = np.concatenate([s.forces for s in structures])
-        err = pred["forces"] - ref
-        entry = {"force_mae": float(np.abs(err).mean()),
-                 "force_rmse": float(np.sqrt((err**2).mean()))}
+        entry = force_errors(pred["forces"], np.concatenate([s.forces for s in structures]))
         if "sigma_epi" in pred:
             entry["mean_forces_uncertainty"] = float(pred["sigma_epi"].mean())
         result[name] = entry
@@ -344,6 +342,7 @@ def _sample(cfg: ALConfig, rnd: _Round, model_path: Path, seeds: list[Atoms]) ->
     from .bias import UncertaintyBias
     from .calculator import E2IPCalculator
     from .md import run_md
+    from .model_io import load_model
 
     target = rnd.file("candidates.extxyz")
     if target.exists():
@@ -355,8 +354,9 @@ def _sample(cfg: ALConfig, rnd: _Round, model_path: Path, seeds: list[Atoms]) ->
             if md.bias_strength is not None else None)
     frames: list[Atoms] = []
     t0 = time.perf_counter()
+    model = load_model(model_path)  # once; a calculator per trajectory
     for k, idx in enumerate(picks):
-        calc = E2IPCalculator(model_path, bias=bias)
+        calc = E2IPCalculator(model, bias=bias)
         start = seeds[int(idx)].copy()
         start.calc = None
         result = run_md(start, calc, steps=md.steps, temperature_K=md.temperature,

@@ -35,7 +35,7 @@ from .data.neighbors import neighbor_list
 from .data.readers import check_elements
 from .data.structures import Structure
 from .errors import DataError
-from .potential import Potential, resolve_device
+from .potential import Potential, resolve_device, traces
 
 #: skin (Å) used by default: the neighbour list is rebuilt only after an atom moved by skin / 2
 DEFAULT_SKIN = 1.0
@@ -122,6 +122,10 @@ class E2IPCalculator(Calculator):
         self._checked_numbers: bytes | None = None
 
     def _graph(self, atoms) -> AtomicGraph:
+        """The one-structure AtomicGraph, built directly rather than through Structure and
+        graph_from_structures: per-structure tensors are cached and the edges come from the
+        skinned NeighborCache (measured: the generic path re-validated and rebuilt everything
+        per call, +35 % on aspirin through model.predict)."""
         numbers = np.asarray(atoms.numbers, dtype=np.int64)
         positions = np.ascontiguousarray(atoms.positions, dtype=np.float64)
         dev, dtype = self.model.device, self.model.dtype
@@ -164,7 +168,8 @@ class E2IPCalculator(Calculator):
         if covs:
             tensors.update({"forces_covariance": covs["predictive"],
                             "forces_aleatoric": covs["aleatoric"],
-                            "forces_epistemic": covs["epistemic"]})
+                            "forces_epistemic": covs["epistemic"],
+                            "forces_uncertainty": traces(covs)["sigma_epi"]})
         if energy_std is not None:
             tensors["energy_uncertainty"] = energy_std
         r = {k: v.detach().to("cpu", torch.float64).numpy() for k, v in tensors.items()}
@@ -178,7 +183,5 @@ class E2IPCalculator(Calculator):
         if stress:
             r["stress"] = full_3x3_to_voigt_6_stress(r["stress"])
         if covs:
-            epistemic_var = np.einsum("nii->ni", r["forces_epistemic"])
-            r["forces_uncertainty"] = np.sqrt(epistemic_var.sum(1) / 3)
             r["forces_std"] = np.sqrt(np.einsum("nii->ni", r["forces_covariance"]))
         self.results = r

@@ -29,7 +29,7 @@ from .calibration import fit_calibration_floor
 from .data.graph import AtomicGraph
 from .errors import ModelError
 from .model import PotentialModel
-from .potential import Potential
+from .potential import Potential, detached_outputs, trace
 from .predictive import Gaussian
 
 D = 3
@@ -232,14 +232,12 @@ class Ensemble(Potential):
             positions = graph.positions.to(dtype).detach().requires_grad_(True)
             graph = AtomicGraph(**{**graph.__dict__, "positions": positions})
             out = self.forward(graph, create_graph=True)
-            u_epi = self.epistemic(out["params"]["member_forces"]).diagonal(dim1=-2, dim2=-1).sum(-1)
+            u_epi = trace(self.epistemic(out["params"]["member_forces"]))
             bias_energy = bias.energy(u_epi, graph.batch, graph.n_atoms, graph.num_graphs)
             (grad,) = torch.autograd.grad(bias_energy.sum(), positions, create_graph=create_graph)
         out["forces"] = out["forces"] - grad
         out["bias_energy"] = bias_energy
-        if not create_graph:
-            out = _detach_tree(out)
-        return out
+        return out if create_graph else detached_outputs(out)
 
     def energy_uncertainty(self, params) -> torch.Tensor | None:
         """Standard deviation of the member energies (B,) in eV."""
@@ -281,7 +279,3 @@ class Ensemble(Potential):
         self.set_calibration_variance(s**2)
         return s**2
 
-
-def _detach_tree(out: dict) -> dict:
-    return {k: (_detach_tree(v) if isinstance(v, dict) else
-                v.detach() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}

@@ -14,7 +14,7 @@ from .calibration import fit_variance_scale
 from .data.graph import AtomicGraph
 from .errors import DataError, ModelError
 from .heads import FeatureDims, get_head
-from .potential import Potential
+from .potential import Potential, trace
 from .predictive import StudentT, concatenate
 
 
@@ -130,8 +130,7 @@ class PotentialModel(Potential):
             if compute_forces:
                 total = energy
                 if bias is not None:
-                    u_epi = self.covariances(params, None, bias.form)["epistemic"].diagonal(
-                        dim1=-2, dim2=-1).sum(-1)
+                    u_epi = trace(self.covariances(params, None, bias.form)["epistemic"])
                     out["bias_energy"] = bias.energy(u_epi, graph.batch, graph.n_atoms,
                                                      graph.num_graphs)
                     total = energy + out["bias_energy"]

@@ -117,11 +117,16 @@ def to_structures(inputs) -> list[Structure]:
     return out
 
 
+def trace(matrices: torch.Tensor) -> torch.Tensor:
+    """Traces of a batch of matrices (..., 3, 3) -> (...)."""
+    return matrices.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
 def traces(covs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Scalar summaries of the covariances: u_epi, u_ale (traces, (eV/Å)^2) and
     sigma_epi = sqrt(u_epi / 3) (eV/Å); all (N,)."""
-    u_epi = covs["epistemic"].diagonal(dim1=-2, dim2=-1).sum(-1)
-    u_ale = covs["aleatoric"].diagonal(dim1=-2, dim2=-1).sum(-1)
+    u_epi = trace(covs["epistemic"])
+    u_ale = trace(covs["aleatoric"])
     return {"u_epi": u_epi, "u_ale": u_ale, "sigma_epi": torch.sqrt(u_epi / 3)}
 
 
@@ -211,7 +216,7 @@ class Potential(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            batches = [(g, _detached(self(g, create_graph=False)))
+            batches = [(g, detached_outputs(self(g, create_graph=False)))
                        for g in self.graphs(structures, batch_size, require_forces=True)]
         finally:
             self.train(was_training)
@@ -308,7 +313,8 @@ class Potential(nn.Module):
         return cls.from_payload(payload, str(path)).to(resolve_device(device)).eval()
 
 
-def _detached(out: dict) -> dict:
+def detached_outputs(out: dict) -> dict:
+    """A forward's outputs (and its params) detached from the autograd graph."""
     params = {k: v.detach() for k, v in out["params"].items()}
     return {**{k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in out.items()},
             "params": params}

@@ -73,7 +73,7 @@ def load_base_model(cfg: Config) -> PotentialModel | Ensemble | None:
     kind = payload.get("kind", "model")
     if kind == Ensemble.kind:
         base = Ensemble.from_payload(payload, str(path))
-        if base.num_members != cfg.ensemble.size:
+        if cfg.ensemble.size < 2 or base.num_members != cfg.ensemble.size:
             raise ConfigError(f"'training.init_from': {path} is an ensemble of "
                               f"{base.num_members}; set ensemble.size: {base.num_members} to "
                               "fine-tune it member by member")

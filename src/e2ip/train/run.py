@@ -58,9 +58,6 @@ def run_training(cfg: Config, out_dir: str | Path, resume: bool = False, force: 
     if resume:
         check_resume_config(cfg, out_dir, force)
     base = load_base_model(cfg)
-    if isinstance(base, Ensemble) and cfg.ensemble.size == 1:
-        raise ConfigError(f"'training.init_from' is an ensemble of {base.num_members}; set "
-                          f"ensemble.size: {base.num_members} to fine-tune it")
     data = prepare_data(cfg.data, base.members[0] if isinstance(base, Ensemble) else base)
     out_dir.mkdir(parents=True, exist_ok=True)
     if resume and force and (out_dir / "config.yaml").exists():
