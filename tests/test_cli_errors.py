@@ -147,3 +147,18 @@ def test_model_file_is_a_zip_of_plain_data(files):
     assert payload["format"] == "e2ip-model" and payload["version"] == MODEL_VERSION
     buf = io.BytesIO()
     pickle.dump(payload["spec"], buf)  # the spec is plain Python data
+
+
+def test_model_with_nan_weights_is_named_not_a_traceback(files, capsys, tmp_path):
+    from e2ip import load_model
+
+    model = load_model(files / "e2ip.pt")
+    with torch.no_grad():
+        next(model.head.parameters()).fill_(float("nan"))
+    model.save(tmp_path / "nan.pt")
+    code, err = _run(capsys, ["evaluate", str(tmp_path / "nan.pt"), "--data", DEMO, "--index",
+                              ":4", "--out", str(tmp_path / "ev")])
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "predicts non-finite raw covariances for a batch holding" in err
+    assert "rmd17_ethanol_demo_test.npz, frame 0" in err
+    assert not (tmp_path / "ev").exists()

@@ -145,3 +145,60 @@ def test_ensemble_trained_by_one_command(tmp_path):
     # the two members differ (different seeds)
     p0, p1 = (next(m.parameters()) for m in model.members)
     assert not torch.equal(p0, p1)
+
+
+def test_forces_only_data_trains_and_evaluates(tmp_path, capsys):
+    """Data without energies trains on forces alone (data.energy_key: null) and evaluates with
+    --energy-key none: energy metrics are n/a, force metrics are real. Without the key, the
+    missing energy is one line naming the frame."""
+    from ase.io import write
+
+    from e2ip.data.readers import read_structures
+    from e2ip.train.datasets import demo_data_path
+
+    frames = []
+    for s in read_structures(demo_data_path())[:40]:
+        atoms = s.to_atoms()
+        atoms.arrays["forces"] = s.forces
+        frames.append(atoms)
+    path = tmp_path / "forces_only.xyz"
+    write(path, frames, format="extxyz")
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--max-epochs", "2"]
+    for o in TINY + ["training.recalibrate=false", f"data.train={path}"]:
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "forces_only.xyz, frame 0: no energy under key 'energy'" in err
+    assert main(args + ["--set", "data.energy_key=null"]) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["energy_mae"] is None and metrics["force_mae"] > 0
+    model = load_model(out / "model.pt")
+    assert torch.equal(model.reference_energies, torch.zeros_like(model.reference_energies))
+    code = main(["evaluate", str(out / "model.pt"), "--data", str(path), "--energy-key", "none",
+                 "--out", str(tmp_path / "ev")])
+    assert code == 0
+    assert json.loads((tmp_path / "ev/metrics.json").read_text())["energy_mae"] is None
+
+
+def test_duplicate_frames_are_refused_unless_allowed(tmp_path, capsys):
+    from ase.io import write
+
+    from e2ip.data.readers import read_structures
+    from e2ip.train.datasets import demo_data_path
+
+    frames = []
+    for s in read_structures(demo_data_path())[:30]:
+        atoms = s.to_atoms()
+        atoms.info["energy"], atoms.arrays["forces"] = s.energy, s.forces
+        frames.append(atoms)
+    path = tmp_path / "twice.xyz"
+    write(path, frames + frames[4:5], format="extxyz")  # frame 30 repeats frame 4
+    args = ["train", "--out", str(tmp_path / "run"), "--max-epochs", "1"]
+    for o in TINY + ["training.recalibrate=false", f"data.train={path}"]:
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "twice.xyz, frame 30" in err and "frame 4" in err
+    assert not (tmp_path / "run").exists()
+    assert main(args + ["--set", "data.allow_duplicates=true"]) == 0

@@ -188,7 +188,11 @@ def test_fine_tuning_starts_from_the_trained_model(tmp_path):
     atoms = Atoms("NH3", positions=[[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
     atoms.info["energy"] = -1.0
     atoms.arrays["forces"] = np.zeros((4, 3))
-    write(tmp_path / "nh3.xyz", [atoms] * 6)
+    frames = [atoms.copy() for _ in range(6)]
+    for k, frame in enumerate(frames):  # distinct frames (duplicates are an error of their own)
+        frame.positions[0, 0] += 0.01 * k
+        frame.info["energy"], frame.arrays["forces"] = -1.0, np.zeros((4, 3))
+    write(tmp_path / "nh3.xyz", frames)
     cfg = load_config(None, TINY + [f"training.init_from={tmp_path / 'base'}",
                                     f"data.train={tmp_path / 'nh3.xyz'}"])
     with pytest.raises(DataError, match="element.s. N unknown to the model being fine-tuned"):

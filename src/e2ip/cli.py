@@ -64,7 +64,8 @@ def _add_read_options(p: argparse.ArgumentParser) -> None:
                    help="energy unit in the file (default: eV for xyz, kcal/mol for npz)")
     p.add_argument("--length-unit", type=_unit_checker("length"), default=None,
                    help="length unit in the file (default Å)")
-    p.add_argument("--energy-key", default="energy", help="extxyz info key of the energy")
+    p.add_argument("--energy-key", default="energy",
+                   help="extxyz info key of the energy ('none': the data has forces only)")
     p.add_argument("--forces-key", default="forces", help="extxyz array key of the forces")
     p.add_argument("--index", default=":", help="frames to use, e.g. ':100' or '::10'")
     p.add_argument("--batch-size", type=_positive_int, default=32)
@@ -189,9 +190,14 @@ def _model_path(path: str) -> Path:
 def _read_eval_data(args):
     from .data.readers import read_structures
 
-    return read_structures(args.data, energy_key=args.energy_key, forces_key=args.forces_key,
-                           energy_unit=args.energy_unit, length_unit=args.length_unit,
-                           index=args.index)
+    no_energy = args.energy_key.lower() in ("none", "null")
+    structures = read_structures(args.data, energy_key=args.energy_key,
+                                 forces_key=args.forces_key, energy_unit=args.energy_unit,
+                                 length_unit=args.length_unit, index=args.index,
+                                 require_energy=not no_energy)
+    for s in structures if no_energy else ():
+        s.energy = None
+    return structures
 
 
 def cmd_train(args) -> int:
@@ -327,13 +333,22 @@ def cmd_active_learn(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    """Run one command; progress goes to stderr through the `e2ip` logger while it runs."""
+    handler = logging.StreamHandler()  # the current sys.stderr; removed again when done, so
+    handler.setFormatter(logging.Formatter("%(message)s"))  # repeated calls never stack handlers
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    log.propagate = False
+    propagate, log.propagate = log.propagate, False
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        return _run_command(argv)
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+
+
+def _run_command(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # usage errors (one line, status 2) and --help (status 0)

@@ -19,3 +19,8 @@ class ConfigError(E2IPError, ValueError):
 class ModelError(E2IPError, ValueError):
     """A model file that cannot be used, or a request the model cannot serve (for example
     calibrating a model that has no uncertainty head, or a device this machine lacks)."""
+
+
+class TrainingError(E2IPError, RuntimeError):
+    """A training run that cannot go on (for example repeated non-finite losses or gradients);
+    the message names the batch's structures, and the last good checkpoint is kept."""

@@ -16,6 +16,7 @@ from .data.graph import graph_from_structures
 from .data.readers import check_elements
 from .data.structures import Structure
 from .data.units import energy_factor
+from .errors import ModelError
 from .files import atomic_write_text
 from .potential import Potential, traces
 from .predictive import Predictive, concatenate
@@ -65,8 +66,10 @@ def collect(model: Potential, structures: list[Structure], batch_size: int = 32,
         out = model(g.to(model.device), create_graph=False)
         forces.append(_cpu64(out["forces"]))
         energy.append(_cpu64(out["energy"]))
+        _check_finite(forces[-1], energy[-1], g.frames, "energy or forces")
         for form in forms:
             covs = model.covariances(out["params"], out["forces"], form)
+            _check_finite(covs["predictive"], None, g.frames, f"{form} covariances")
             pred = model.predictive(out["params"], out["forces"], form)
             summary = traces(covs)
             p = parts[form]
@@ -79,7 +82,8 @@ def collect(model: Potential, structures: list[Structure], batch_size: int = 32,
         forces=torch.cat(forces),
         forces_ref=torch.from_numpy(np.concatenate([s.forces for s in structures])).double(),
         energy=torch.cat(energy),
-        energy_ref=torch.tensor([s.energy for s in structures], dtype=torch.float64),
+        energy_ref=torch.tensor([math.nan if s.energy is None else s.energy
+                                 for s in structures], dtype=torch.float64),
         n_atoms=n_atoms,
         batch=torch.repeat_interleave(torch.arange(len(structures)), n_atoms),
         forms={f: FormParts(predictive=concatenate(p["pred"]), u_epi=torch.cat(p["u_epi"]),
@@ -131,6 +135,16 @@ UNCERTAINTY_KEYS = ("nll", "energy_score", "coverage_95", "calibration_error", "
                     "spearman_per_structure", "mean_epistemic", "mean_aleatoric")
 
 
+def _check_finite(x: torch.Tensor, y: torch.Tensor | None, frames, what: str) -> None:
+    """Raise ModelError naming the batch's structures when a prediction is NaN or inf (a model
+    with broken weights; metrics of such predictions would be meaningless or crash)."""
+    if not bool(torch.isfinite(x).all()) or (y is not None and not bool(torch.isfinite(y).all())):
+        listing = "; ".join(frames[:3]) + (f" and {len(frames) - 3} more" if len(frames) > 3
+                                           else "")
+        raise ModelError(f"the model predicts non-finite {what} for a batch holding {listing}; "
+                         "its weights are probably broken (NaN or inf)")
+
+
 def compute_metrics(c: Collected, units: str = "eV", form: str | None = None,
                     n_samples: int = 100, seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """Scalar metrics (in `units` energy and units/Å forces) of the predictions, with the
@@ -139,16 +153,18 @@ def compute_metrics(c: Collected, units: str = "eV", form: str | None = None,
 
     conv = 1.0 / energy_factor(units)  # eV -> report units
     errors = M.force_errors(c.forces, c.forces_ref)
-    e_err = (c.energy - c.energy_ref).abs()
+    labelled = torch.isfinite(c.energy_ref)  # structures without an energy label are skipped
+    e_err = (c.energy - c.energy_ref).abs()[labelled]
+    per_atom = float((e_err / c.n_atoms[labelled]).mean()) * conv if len(e_err) else None
     out: dict[str, Any] = {
         "n_structures": int(len(c.n_atoms)),
         "n_atoms": int(c.n_atoms.sum()),
         "units": {"energy": units, "forces": f"{units}/Å"},
         "force_mae": errors["force_mae"] * conv,
         "force_rmse": errors["force_rmse"] * conv,
-        "energy_mae": float(e_err.mean()) * conv,
-        "energy_rmse": float(e_err.pow(2).mean().sqrt()) * conv,
-        "energy_mae_per_atom": float((e_err / c.n_atoms).mean()) * conv,
+        "energy_mae": float(e_err.mean()) * conv if len(e_err) else None,
+        "energy_rmse": float(e_err.pow(2).mean().sqrt()) * conv if len(e_err) else None,
+        "energy_mae_per_atom": per_atom,
     }
     arrays: dict[str, Any] = {}
     if form is None:

@@ -13,7 +13,7 @@ import torch
 from .ensemble import Ensemble
 from .errors import ModelError
 from .model import PotentialModel
-from .potential import Potential, read_model_payload, resolve_device
+from .potential import Potential, read_model_payload, resolve_device, short_repr
 
 MODEL_KINDS: dict[str, type[Potential]] = {cls.kind: cls for cls in (PotentialModel, Ensemble)}
 
@@ -25,7 +25,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> P
     CUDA device this machine lacks) raise :class:`~e2ip.errors.ModelError` with one line."""
     payload = read_model_payload(path, device)
     kind = payload.get("kind", "model")
-    if kind not in MODEL_KINDS:
-        raise ModelError(f"{path}: unknown model kind {kind!r} (known: {', '.join(MODEL_KINDS)})")
+    if not isinstance(kind, str) or kind not in MODEL_KINDS:
+        raise ModelError(f"{path}: unknown model kind {short_repr(kind)} "
+                         f"(known: {', '.join(MODEL_KINDS)})")
     model = MODEL_KINDS[kind].from_payload(payload, str(path))
     return model.to(resolve_device(device)).eval()

@@ -72,6 +72,33 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def short_repr(value: Any, limit: int = 60) -> str:
+    """repr(value) on one line and at most `limit` characters (for values read from a file)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (or its type name), at most `limit` chars."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
+def _check_archive(path: Path) -> None:
+    """A ModelError if the model file is a zip archive whose checksums do not match (bytes
+    changed on disk or in transfer: torch.load itself never checks them). Files that are not
+    zip archives are left to torch.load to refuse."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile:
+        return
+    except Exception as exc:  # noqa: BLE001 - a damaged archive can fail in many ways
+        raise ModelError(f"{path}: not a readable e2ip model file (corrupted or truncated? "
+                         f"{_first_line(exc, 120)})") from None
+    if bad is not None:
+        raise ModelError(f"{path}: corrupted e2ip model file (checksum mismatch in {bad})")
+
+
 def read_model_payload(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
     """The dictionary stored in a model file, or a one-line ModelError saying why not."""
     path = Path(path)
@@ -79,20 +106,30 @@ def read_model_payload(path: str | os.PathLike, device: str | torch.device = "cp
     if not path.exists():
         raise ModelError(f"{path}: model file not found")
     if path.is_dir():
-        raise ModelError(f"{path}: is a directory without a model.pt")
+        inside = path / "model.pt"
+        hint = f" (did you mean {inside}?)" if inside.is_file() else ""
+        raise ModelError(f"{path}: is a directory, expected a model file{hint}")
+    _check_archive(path)
     try:
         payload = torch.load(path, map_location=dev, weights_only=True)
-    except pickle.UnpicklingError:
-        raise ModelError(f"{path}: refused: the file holds pickled Python objects, not only "
-                         "tensors (loading it could run code); not an e2ip model file") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:120]
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" in str(exc) or "global" in str(exc):
+            raise ModelError(f"{path}: refused: the file holds pickled Python objects, not only "
+                             "tensors (loading it could run code); not an e2ip model file") from None
+        detail = [line.strip() for line in str(exc).splitlines() if "Unsupported" in line]
+        raise ModelError(f"{path}: not a readable e2ip model file (corrupted? "
+                         f"{(detail or [_first_line(exc, 120)])[0][:120]})") from None
+    except Exception as exc:  # noqa: BLE001 - torch.load on damaged bytes can fail in many ways
+        first = _first_line(exc, 1000).split(". ")[0][:120]
         raise ModelError(f"{path}: not a readable e2ip model file (corrupted or truncated? "
                          f"{first})") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise ModelError(f"{path}: not an e2ip model file")
     version = payload.get("version")
-    if not isinstance(version, int) or version > MODEL_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ModelError(f"{path}: not a valid e2ip model file (format version "
+                         f"{short_repr(version)})")
+    if version > MODEL_VERSION:
         raise ModelError(f"{path}: model file format version {version!r} is newer than this e2ip "
                          f"reads (version {MODEL_VERSION}); upgrade e2ip")
     return payload
@@ -290,14 +327,23 @@ class Potential(nn.Module):
     def from_payload(cls, payload: dict, source: str = "model file") -> Potential:
         """Rebuild a model of this kind from a model file's dictionary."""
         try:
-            model = cls.from_spec(payload["spec"])
-            model.to(getattr(torch, payload.get("dtype", "float32")))
-            state = portable_state_dict(payload["state_dict"])
+            spec, state, dtype = payload["spec"], payload["state_dict"], payload.get("dtype",
+                                                                                    "float32")
+            if not isinstance(spec, dict):
+                raise TypeError(f"'spec' must be a dictionary, got {type(spec).__name__}")
+            if not isinstance(state, dict) or not all(
+                    isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+                raise TypeError("'state_dict' must map names to tensors")
+            if dtype not in ("float32", "float64"):
+                raise TypeError(f"'dtype' must be float32 or float64, got {short_repr(dtype)}")
+            model = cls.from_spec(spec)
+            model.to(getattr(torch, dtype))
+            state = portable_state_dict(state)
             model._upgrade_state(state)
             model.load_state_dict(state)
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-            raise ModelError(f"{source}: inconsistent e2ip model file ({first})") from None
+        except Exception as exc:  # noqa: BLE001 - any inconsistency of a model file's contents
+            raise ModelError(f"{source}: inconsistent e2ip model file "
+                             f"({_state_error(exc)})") from None
         return model
 
     def _upgrade_state(self, state: dict) -> None:
@@ -309,8 +355,19 @@ class Potential(nn.Module):
         payload = read_model_payload(path, device)
         kind = payload.get("kind", "model")
         if kind != cls.kind:
-            raise ModelError(f"{path}: holds a model of kind {kind!r}, expected {cls.kind!r}")
+            raise ModelError(f"{path}: holds a model of kind {short_repr(kind)}, expected "
+                             f"{cls.kind!r}")
         return cls.from_payload(payload, str(path)).to(resolve_device(device)).eval()
+
+
+def _state_error(exc: BaseException) -> str:
+    """A one-line summary of why a model could not be rebuilt (load_state_dict's message spans
+    several lines: the missing, unexpected or mis-shaped keys are on the second)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = " ".join(lines[:2]) if lines[0].startswith("Error(s) in loading") else lines[0]
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def detached_outputs(out: dict) -> dict:

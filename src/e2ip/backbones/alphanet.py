@@ -44,6 +44,7 @@ from .base import (
     l2_basis_tensor,
     mlp,
     scatter_sum,
+    sum_over_edges,
 )
 from .painn import PaiNNUpdate
 
@@ -124,17 +125,21 @@ class FrameMessage(nn.Module):
         self.edge_net = mlp([7 * k + NUM_GEOMETRY + num_radial, hidden, 6 * f])
         self.phi = mlp([f, f, 6 * f])
 
-    def forward(self, s, v, edge_index, frame, edge_attr, fcut, norm):
+    def forward(self, s, v, edge_index, frame, edge_attr, fcut, norm, chunk: int = 0):
         i, j = edge_index
-        _, _, inv = frame_invariants(frame, self.mix(v), edge_index)
-        x = self.phi(s)[j] * self.edge_net(torch.cat([inv, edge_attr], dim=-1))
+        ds, dv = sum_over_edges(self.edge_messages, i, s.shape[0], (self.phi(s), v, self.mix(v)),
+                                (i, j, frame, edge_attr, fcut), chunk)
+        return s + ds / norm, v + dv / norm
+
+    def edge_messages(self, phi_s, v, vm, i, j, frame, edge_attr, fcut):
+        """Scalar (E, F) and vector (E, 3, F) messages of edges i <- j."""
+        _, _, inv = frame_invariants(frame, vm, (i, j))
+        x = phi_s[j] * self.edge_net(torch.cat([inv, edge_attr], dim=-1))
         x = x * fcut.unsqueeze(-1)
         ds, a1, a2, b1, b2, b3 = torch.split(x, self.f, dim=-1)
         p = torch.matmul(frame, v[j])  # (E, 3, F): v_j in the frame
         coef = torch.stack([a1 + b1 * p[:, 0], a2 + b2 * p[:, 1], b3 * p[:, 2]], dim=1)
-        dv = torch.matmul(frame.transpose(1, 2), coef)  # sum_a e_a coef_a
-        n = s.shape[0]
-        return s + scatter_sum(ds, i, n) / norm, v + scatter_sum(dv, i, n) / norm
+        return ds, torch.matmul(frame.transpose(1, 2), coef)  # dv = sum_a e_a coef_a
 
 
 class FrameTensorReadout(nn.Module):
@@ -159,18 +164,23 @@ class FrameTensorReadout(nn.Module):
         self.basis = l2_basis_tensor(self.basis.dtype, self.basis.device)
         return out
 
-    def forward(self, s, v, edge_index, frame, edge_attr, fcut, norm):
+    def forward(self, s, v, edge_index, frame, edge_attr, fcut, norm, chunk: int = 0):
         i, j = edge_index
-        pi, pj, inv = frame_invariants(frame, self.mix(v), edge_index)
-        g = self.phi(s)[j] * self.edge_net(torch.cat([inv, edge_attr], dim=-1))
+        (t,) = sum_over_edges(self.edge_tensors, i, s.shape[0], (self.phi(s), self.mix(v)),
+                              (i, j, frame, edge_attr, fcut), chunk)
+        return t / norm
+
+    def edge_tensors(self, phi_s, vm, i, j, frame, edge_attr, fcut):
+        """2e messages (E, F2, 5) of edges i <- j."""
+        pi, pj, inv = frame_invariants(frame, vm, (i, j))
+        g = phi_s[j] * self.edge_net(torch.cat([inv, edge_attr], dim=-1))
         g = (g * fcut.unsqueeze(-1)).view(-1, self.f2, 6)
         sigma = self.pseudo(torch.cat([pi[:, 2], pj[:, 2]], dim=-1))  # (E, F2) pseudoscalars
         g = torch.cat([g[..., :4], g[..., 4:] * sigma.unsqueeze(-1)], dim=-1)
         # 2e coefficients of e_a e_b^T + e_b e_a^T (the factor 2 off the diagonal is absorbed in G)
         ea, eb = frame[:, self.pair_a], frame[:, self.pair_b]  # (E, 6, 3)
         pairs = torch.einsum("epi,kij,epj->epk", ea, self.basis, eb)  # (E, 6, 5)
-        t = torch.matmul(g, pairs)  # (E, F2, 5)
-        return scatter_sum(t, i, s.shape[0]) / norm
+        return torch.matmul(g, pairs)  # (E, F2, 5)
 
 
 class AlphaNetBackbone(Backbone):
@@ -212,13 +222,20 @@ class AlphaNetBackbone(Backbone):
         norm = hp.avg_num_neighbors
 
         s = self.embedding(species)
-        w0 = self.init_filter(rbf) * self.init_embedding(species)[j] * fcut.unsqueeze(-1)
-        v = scatter_sum(frame[:, 0, :, None] * w0[:, None, :], i, n) / math.sqrt(norm)
+        chunk = self.edge_chunk()
+        (v,) = sum_over_edges(self.initial_vectors, i, n, (self.init_embedding(species),),
+                              (j, frame, rbf, fcut), chunk)
+        v = v / math.sqrt(norm)
         for message, update in zip(self.messages, self.updates):
-            s, v = message(s, v, edge_index, frame, edge_attr, fcut, norm)
+            s, v = message(s, v, edge_index, frame, edge_attr, fcut, norm, chunk)
             s, v = update(s, v)
         tensors = None
         if self.tensor_readout is not None:
-            tensors = self.tensor_readout(s, v, edge_index, frame, edge_attr, fcut, norm)
+            tensors = self.tensor_readout(s, v, edge_index, frame, edge_attr, fcut, norm, chunk)
         return BackboneOutput(scalars=s, vectors=v.transpose(1, 2), tensors=tensors,
                               atomic_energy=self.readout(s).squeeze(-1))
+
+    def initial_vectors(self, embedded, j, frame, rbf, fcut):
+        """Initial vector messages (E, 3, F): the bond axis e1 times a radial, species filter."""
+        w0 = self.init_filter(rbf) * embedded[j] * fcut.unsqueeze(-1)
+        return frame[:, 0, :, None] * w0[:, None, :]

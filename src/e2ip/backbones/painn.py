@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Backbone, BackboneOutput, BesselBasis, cosine_cutoff, mlp, scatter_sum
+from .base import Backbone, BackboneOutput, BesselBasis, cosine_cutoff, mlp, sum_over_edges
 
 
 @dataclass
@@ -31,13 +31,17 @@ class PaiNNMessage(nn.Module):
         self.phi = mlp([f, f, 3 * f])
         self.filter = nn.Linear(num_radial, 3 * f)
 
-    def forward(self, s, v, edge_index, unit, rbf, fcut, norm):
+    def forward(self, s, v, edge_index, unit, rbf, fcut, norm, chunk: int = 0):
         i, j = edge_index
-        x = self.phi(s)[j] * self.filter(rbf) * fcut.unsqueeze(-1)
+        ds, dv = sum_over_edges(self.edge_messages, i, s.shape[0], (self.phi(s), v),
+                                (j, unit, rbf, fcut), chunk)
+        return s + ds / norm, v + dv / norm
+
+    def edge_messages(self, phi_s, v, j, unit, rbf, fcut):
+        """Scalar (E, F) and vector (E, 3, F) messages of edges to neighbours j."""
+        x = phi_s[j] * self.filter(rbf) * fcut.unsqueeze(-1)
         a_vv, a_s, a_vs = torch.split(x, self.f, dim=-1)
-        dv = v[j] * a_vv.unsqueeze(1) + a_vs.unsqueeze(1) * unit.unsqueeze(-1)
-        n = s.shape[0]
-        return s + scatter_sum(a_s, i, n) / norm, v + scatter_sum(dv, i, n) / norm
+        return a_s, v[j] * a_vv.unsqueeze(1) + a_vs.unsqueeze(1) * unit.unsqueeze(-1)
 
 
 class PaiNNUpdate(nn.Module):
@@ -82,8 +86,9 @@ class PaiNN(Backbone):
         s = self.embedding(species)
         v = s.new_zeros(s.shape[0], 3, s.shape[1])
         norm = self.hparams.avg_num_neighbors
+        chunk = self.edge_chunk()
         for message, update in zip(self.messages, self.updates):
-            s, v = message(s, v, edge_index, unit, rbf, fcut, norm)
+            s, v = message(s, v, edge_index, unit, rbf, fcut, norm, chunk)
             s, v = update(s, v)
         return BackboneOutput(
             scalars=s, vectors=v.transpose(1, 2), atomic_energy=self.readout(s).squeeze(-1)

@@ -29,7 +29,7 @@ from e3nn import o3
 from e3nn.nn import FullyConnectedNet, Gate
 from torch import nn
 
-from .base import Backbone, BackboneOutput, BesselBasis, mlp, polynomial_cutoff, scatter_sum
+from .base import Backbone, BackboneOutput, BesselBasis, mlp, polynomial_cutoff, sum_over_edges
 
 
 @dataclass
@@ -134,18 +134,21 @@ class TPInteraction(nn.Module):
             irreps_in, o3.Irreps(f"{num_species}x0e"), irreps_pre)
         self.residual = irreps_in == irreps_hidden
 
-    def forward(self, h, onehot, sh, rbf, fcut, edge_index):
+    def forward(self, h, onehot, sh, rbf, fcut, edge_index, chunk: int = 0):
         i, j = edge_index
-        x = self.linear_up(h)
-        weights = self.radial(rbf) * fcut.unsqueeze(-1)
-        messages = self.tp(x[j], sh, weights)
-        a = scatter_sum(messages, i, h.shape[0]) / self.avg_num_neighbors
+        (a,) = sum_over_edges(self.edge_messages, i, h.shape[0], (self.linear_up(h),),
+                              (j, sh, rbf, fcut), chunk)
+        a = a / self.avg_num_neighbors
         pre = self.linear_down(a) + self.self_connection(h, onehot)
         if self.correlation == 2:
             a = self.linear_mid(a)
             pre = pre + self.linear_prod(self.product(a, a))
         out = self.gate(pre)
         return h + out if self.residual else out
+
+    def edge_messages(self, x, j, sh, rbf, fcut):
+        """Tensor-product messages (E, irreps_mid) of edges to neighbours j."""
+        return self.tp(x[j], sh, self.radial(rbf) * fcut.unsqueeze(-1))
 
 
 class TensorProductBackbone(Backbone):
@@ -213,8 +216,9 @@ class TensorProductBackbone(Backbone):
         fcut = polynomial_cutoff(r, self.cutoff, hp.cutoff_p)
         onehot = nn.functional.one_hot(species, self.num_species).to(edge_vectors.dtype)
         h = self.embedding(species)
+        chunk = self.edge_chunk()
         for layer in self.layers:
-            h = layer(h, onehot, sh, rbf, fcut, edge_index)
+            h = layer(h, onehot, sh, rbf, fcut, edge_index, chunk)
         n = h.shape[0]
         f0, f1, f2 = self.num_scalars, self.num_vectors, self.num_tensors
         scalars = h[:, :f0]

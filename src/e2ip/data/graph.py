@@ -28,6 +28,7 @@ class AtomicGraph:
     n_atoms: torch.Tensor  # (B,) long
     energy: torch.Tensor | None = None  # (B,) eV
     forces: torch.Tensor | None = None  # (N, 3) eV/Å
+    frames: tuple[str, ...] = ()  # where each structure came from ("file, frame k"), for messages
 
     @property
     def num_graphs(self) -> int:
@@ -37,8 +38,8 @@ class AtomicGraph:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if v is None:
-                out[f.name] = None
+            if not isinstance(v, torch.Tensor):
+                out[f.name] = v
             elif v.is_floating_point():
                 out[f.name] = v.to(device=device, dtype=dtype or v.dtype)
             else:
@@ -65,6 +66,7 @@ class _GraphRecord:
     shifts: np.ndarray
     energy: float | None
     forces: np.ndarray | None
+    where: str = ""
 
 
 def structure_to_graph(s: Structure, cutoff: float) -> _GraphRecord:
@@ -77,6 +79,7 @@ def structure_to_graph(s: Structure, cutoff: float) -> _GraphRecord:
         shifts=shifts,
         energy=s.energy,
         forces=s.forces,
+        where=s.where(),
     )
 
 
@@ -100,6 +103,7 @@ def collate(records: Sequence[_GraphRecord], dtype: torch.dtype | None = None) -
         energy=torch.tensor([r.energy for r in records], dtype=dtype) if has_energy else None,
         forces=torch.from_numpy(np.concatenate([r.forces for r in records])).to(dtype)
         if has_forces else None,
+        frames=tuple(r.where for r in records),
     )
 
 

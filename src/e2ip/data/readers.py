@@ -7,16 +7,25 @@ Every reader returns a list of :class:`Structure` in eV, Å and eV/Å, validated
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError
+from .neighbors import periodic_widths
 from .structures import DataError, Structure
 from .units import energy_factor, length_factor
 
 #: closest allowed distance between two atoms (Å)
 MIN_DISTANCE = 0.1
+#: largest allowed |coordinate| of a position or cell vector (Å): a float32 model resolves
+#: positions near 1e6 Å to 0.06 Å only, and at 5e7 Å bonded atoms fall on the same float32 value
+#: (NaN predictions)
+MAX_COORDINATE = 1e6
+#: bytes that are not UTF-8, as decoded with errors="surrogateescape"
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
 
 RMD17_KEYS = ("nuclear_charges", "coords", "energies", "forces")
 SGDML_KEYS = ("z", "R", "E", "F")
@@ -43,20 +52,31 @@ def read_structures(
     `atoms.arrays[forces_key]`, or from an attached ASE calculator's results.
     """
     path = Path(path)
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+        empty = exists and not is_dir and path.stat().st_size == 0
+    except (OSError, ValueError) as exc:  # permissions, a name the OS refuses, ...
+        raise DataError(f"{path}: cannot be read ({exc})") from None
+    if not exists:
         raise DataError(f"{path}: file not found")
-    if path.is_dir():
+    if is_dir:
         raise DataError(f"{path}: is a directory, expected a data file")
-    if path.stat().st_size == 0:
+    if empty:
         raise DataError(f"{path}: file is empty")
+    sel = _index_to_slice(index)
     if (format or path.suffix.lower().lstrip(".")) == "npz":
         structures = _read_npz(path, energy_unit, length_unit, require_energy, require_forces)
-        if index != ":":
-            sel = _index_to_slice(index)
-            structures = structures[sel] if isinstance(sel, slice) else [structures[sel]]
+        if isinstance(sel, int):
+            if not -len(structures) <= sel < len(structures):
+                raise DataError(f"{path}: frame {sel} asked for (index), but the file has "
+                                f"{len(structures)} frames")
+            structures = [structures[sel]]
+        else:
+            structures = structures[sel]
     else:
         structures = _read_ase(
-            path, energy_key, forces_key, energy_unit or "eV", length_unit or "Å", index,
+            path, energy_key, forces_key, "eV" if energy_unit is None else energy_unit,
+            "Å" if length_unit is None else length_unit, sel,
             require_energy, require_forces, format,
         )
     if not structures:
@@ -66,13 +86,32 @@ def read_structures(
     return structures
 
 
-def _index_to_slice(index):
+def _index_to_slice(index: str | int | slice) -> int | slice:
+    """The frame selection `index` (an int, a slice, or text such as '5', ':100', '::10') as an
+    int or slice; a ConfigError for anything else."""
+    problem = (f"index {index!r}: expected a frame number or a slice such as ':100', '10:20' "
+               "or '::10'")
     if isinstance(index, str):
-        if ":" in index:
-            parts = [int(p) if p else None for p in index.split(":")]
-            return slice(*parts)
-        return int(index)
-    return index
+        parts = index.strip().split(":")
+        if len(parts) > 3:
+            raise ConfigError(problem)
+        try:
+            numbers = [int(p) if p.strip() else None for p in parts]
+        except ValueError:
+            raise ConfigError(problem) from None
+        index = numbers[0] if len(parts) == 1 else slice(*numbers)
+        if index is None:
+            raise ConfigError(problem)
+    if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer, slice)):
+        raise ConfigError(problem)
+    if isinstance(index, slice):
+        for part in (index.start, index.stop, index.step):
+            if part is not None and not isinstance(part, (int, np.integer)):
+                raise ConfigError(problem)
+        if index.step == 0:
+            raise ConfigError(f"index {index!r}: the step of a slice cannot be 0")
+        return index
+    return int(index)
 
 
 def _frame_numbers(index, count: int) -> list[int]:
@@ -87,12 +126,46 @@ def _frame_numbers(index, count: int) -> list[int]:
     return list(range(count))
 
 
+def _npz_field(data, key: str, path, kinds: str = "iuf") -> np.ndarray:
+    """Array `key` of an open npz file, checked to hold numbers of the dtype kinds `kinds`."""
+    try:
+        array = np.asarray(data[key])
+    except Exception as exc:  # noqa: BLE001 - object arrays, corrupted members, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise DataError(f"{path}: field '{key}' cannot be read ({first})") from None
+    if array.dtype.kind not in kinds:
+        raise DataError(f"{path}: field '{key}' holds {array.dtype} values, expected numbers")
+    return array
+
+
+def _npz_unit(data, key: str, path, factor) -> float:
+    """The conversion factor of the unit named by the npz entry `key` (e_unit, r_unit)."""
+    array = _npz_field(data, key, path, kinds="USO")
+    unit = array.item() if array.size == 1 else array.tolist()
+    if isinstance(unit, bytes):
+        unit = unit.decode("utf-8", errors="replace")
+    if not isinstance(unit, str):
+        raise DataError(f"{path}: field '{key}' must name a unit, got {unit!r}")
+    try:
+        return factor(unit)
+    except ConfigError as exc:
+        raise DataError(f"{path}: field '{key}': {exc}") from None
+
+
 def _read_npz(path, energy_unit, length_unit, require_energy, require_forces):
     try:
         data = np.load(path, allow_pickle=False)
+        keys = set(data.files)
     except Exception as exc:  # noqa: BLE001 - any failure to parse is a data error
         raise DataError(f"{path}: not a readable npz file ({exc})") from None
-    keys = set(data.files)
+    with data:
+        return _npz_structures(data, keys, path, energy_unit, length_unit, require_energy,
+                               require_forces)
+
+
+def _npz_structures(data, keys: set[str], path, energy_unit, length_unit, require_energy,
+                    require_forces) -> list[Structure]:
+    """The structures of an open npz file (rMD17 or sGDML layout), unit-converted."""
     if set(RMD17_KEYS[:2]) <= keys:
         z_key, r_key, e_key, f_key = RMD17_KEYS
     elif set(SGDML_KEYS[:2]) <= keys:
@@ -102,65 +175,149 @@ def _read_npz(path, energy_unit, length_unit, require_energy, require_forces):
             f"{path}: unknown npz layout (keys {sorted(keys)}); expected rMD17 "
             f"{list(RMD17_KEYS)} or sGDML/MD17/MD22 {list(SGDML_KEYS)}"
         )
-    if energy_unit is None:
-        energy_unit = str(data["e_unit"]) if "e_unit" in keys else "kcal/mol"
-    if length_unit is None:
-        length_unit = str(data["r_unit"]) if "r_unit" in keys else "Å"
-    ef, lf = energy_factor(energy_unit), length_factor(length_unit)
-    numbers = np.asarray(data[z_key]).astype(np.int64).reshape(-1)
-    coords = np.asarray(data[r_key], dtype=np.float64)
+    if energy_unit is None and "e_unit" in keys:
+        ef = _npz_unit(data, "e_unit", path, energy_factor)
+    else:
+        ef = energy_factor("kcal/mol" if energy_unit is None else energy_unit)
+    if length_unit is None and "r_unit" in keys:
+        lf = _npz_unit(data, "r_unit", path, length_factor)
+    else:
+        lf = length_factor("Å" if length_unit is None else length_unit)
+    z = _npz_field(data, z_key, path).reshape(-1)
+    known = np.isfinite(z) & (z == np.round(z)) & (z >= 1) & (z <= 118)
+    if not known.all():
+        bad = sorted({float(v) if z.dtype.kind == "f" else int(v) for v in z[~known]})
+        raise DataError(f"{path}: field '{z_key}' has unknown element(s) {bad[:5]} "
+                        "(atomic numbers 1 to 118 expected)")
+    numbers = z.astype(np.int64)
+    coords = _npz_field(data, r_key, path).astype(np.float64)
     if coords.ndim == 2:
         coords = coords[None]
     if coords.ndim != 3 or coords.shape[1:] != (len(numbers), 3):
         raise DataError(
-            f"{path}: field '{r_key}' has shape {coords.shape}, expected (frames, {len(numbers)}, 3)"
+            f"{path}: field '{r_key}' has shape {coords.shape}, expected (frames, {len(numbers)}, 3) "
+            f"for the {len(numbers)} atoms of field '{z_key}'"
         )
     n_frames = coords.shape[0]
     energies = forces = None
     if e_key in keys:
-        energies = np.asarray(data[e_key], dtype=np.float64).reshape(-1)
+        energies = _npz_field(data, e_key, path).astype(np.float64).reshape(-1)
         if len(energies) != n_frames:
             raise DataError(f"{path}: field '{e_key}' has {len(energies)} values for {n_frames} frames")
     elif require_energy:
         raise DataError(f"{path}: field '{e_key}' (energies) is missing")
     if f_key in keys:
-        forces = np.asarray(data[f_key], dtype=np.float64)
+        forces = _npz_field(data, f_key, path).astype(np.float64)
         if forces.shape != coords.shape:
             raise DataError(f"{path}: field '{f_key}' has shape {forces.shape}, expected {coords.shape}")
     elif require_forces:
         raise DataError(f"{path}: field '{f_key}' (forces) is missing")
     out = []
-    for k in range(n_frames):
-        out.append(
-            Structure(
-                numbers=numbers.copy(),
-                positions=coords[k] * lf,
-                energy=None if energies is None else float(energies[k] * ef),
-                forces=None if forces is None else forces[k] * (ef / lf),
-                source=str(path),
-                frame=k,
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf: validated below
+        for k in range(n_frames):
+            out.append(
+                Structure(
+                    numbers=numbers.copy(),
+                    positions=coords[k] * lf,
+                    energy=None if energies is None else float(energies[k] * ef),
+                    forces=None if forces is None else forces[k] * (ef / lf),
+                    source=str(path),
+                    frame=k,
+                )
             )
-        )
     return out
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message`, at most `limit` characters."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _ase_format(path: Path, format: str | None) -> str | None:
+    """The ASE format name of `path` (`format`, else ASE's guess; None if it cannot tell)."""
+    if format is not None:
+        return format
+    from ase.io.formats import filetype
+
+    try:
+        return filetype(str(path), guess=True)
+    except Exception:  # noqa: BLE001 - ASE's own read reports unknown types
+        return None
+
+
+def _check_xyz_counts(path: Path) -> None:
+    """Walk the atom-count lines of an (extended) XYZ file as ASE does, and raise DataError
+    naming the frame when a line is not UTF-8 text, or a count is not a whole number >= 0 or
+    promises more lines than the file has: ASE itself loops over a count such as 10^12 (a
+    corrupted file) for hours."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as stream:
+        frame, lineno = 0, 0
+
+        def next_line() -> str | None:
+            nonlocal lineno
+            line = next(stream, None)
+            if line is not None:
+                lineno += 1
+                if not line.isascii() and _NOT_UTF8.search(line):
+                    raise DataError(f"{path}, frame {frame}: line {lineno} is not UTF-8 text")
+            return line
+
+        line = next_line()
+        while line is not None and line.strip():
+            try:
+                natoms = int(line)
+            except ValueError:
+                raise DataError(f"{path}, frame {frame}: line {lineno} should give the number of "
+                                f"atoms, got {line.strip()[:40]!r}") from None
+            if natoms < 0:
+                raise DataError(f"{path}, frame {frame}: line {lineno} gives {natoms} atoms")
+            count_line = lineno
+            for _ in range(natoms + 1):  # the comment line, then one line per atom
+                if next_line() is None:
+                    raise DataError(f"{path}, frame {frame}: line {count_line} announces {natoms} "
+                                    "atoms, but the file ends before them (truncated?)")
+            line = next_line()
+            while line is not None and line.lstrip().startswith("VEC"):
+                line = next_line()
+            frame += 1
+
+
+def _failing_frame(path: Path, format: str | None) -> int | None:
+    """The number of the first frame ASE cannot read (reading frame by frame), or None."""
+    import ase.io
+
+    count = 0
+    try:
+        for _ in ase.io.iread(str(path), index=":", format=format):
+            count += 1
+    except Exception:  # noqa: BLE001 - this is the frame that fails
+        return count
+    return None
 
 
 def _read_ase(path, energy_key, forces_key, energy_unit, length_unit, index, require_energy,
               require_forces, format):
     import ase.io
 
+    if _ase_format(path, format) in ("extxyz", "xyz"):
+        _check_xyz_counts(path)
     try:
         frames = ase.io.read(str(path), index=index, format=format)
     except StopIteration:
         raise DataError(f"{path}: contains no structures") from None
     except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{path}: could not be read by ASE ({type(exc).__name__}: {exc})") from None
+        frame = _failing_frame(path, format)
+        where = f"{path}" if frame is None else f"{path}, frame {frame}"
+        raise DataError(f"{where}: could not be read by ASE ({_one_line(exc)})") from None
     if not isinstance(frames, list):
         frames = [frames]
     ef, lf = energy_factor(energy_unit), length_factor(length_unit)
     out = []
     for k, atoms in zip(_frame_numbers(index, len(frames)), frames):
-        energy = _get_energy(atoms, energy_key)
-        forces = _get_forces(atoms, forces_key)
+        energy = _get_energy(atoms, energy_key, f"{path}, frame {k}")
+        forces = _get_forces(atoms, forces_key, f"{path}, frame {k}")
         if energy is None and require_energy:
             raise DataError(
                 f"{path}, frame {k}: no energy under key '{energy_key}' "
@@ -182,35 +339,49 @@ def _read_ase(path, energy_key, forces_key, energy_unit, length_unit, index, req
     return out
 
 
-def _get_energy(atoms, key: str) -> float | None:
+def _get_energy(atoms, key: str, where: str) -> float | None:
+    value = None
     if key in atoms.info:
-        return float(atoms.info[key])
-    calc = atoms.calc
-    if calc is not None and key in ("energy", "free_energy") and key in calc.results:
-        return float(calc.results[key])
-    return None
+        value = atoms.info[key]
+    elif atoms.calc is not None and key in ("energy", "free_energy") and key in atoms.calc.results:
+        value = atoms.calc.results[key]
+    if value is None:
+        return None
+    array = np.asarray(value)
+    problem = DataError(f"{where}: field '{key}' must be one number, got {str(value)[:80]!r}")
+    if array.size != 1 or array.dtype.kind not in "iufUS":
+        raise problem
+    try:
+        return float(array.reshape(()))  # a number, or text that reads as one
+    except (TypeError, ValueError):
+        raise problem from None
 
 
-def _get_forces(atoms, key: str) -> np.ndarray | None:
+def _get_forces(atoms, key: str, where: str) -> np.ndarray | None:
+    value = None
     if key in atoms.arrays:
-        return np.asarray(atoms.arrays[key], dtype=np.float64)
-    calc = atoms.calc
-    if calc is not None and key == "forces" and "forces" in calc.results:
-        return np.asarray(calc.results["forces"], dtype=np.float64)
-    return None
+        value = atoms.arrays[key]
+    elif atoms.calc is not None and key == "forces" and "forces" in atoms.calc.results:
+        value = atoms.calc.results["forces"]
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if array.dtype.kind not in "iuf":
+        raise DataError(f"{where}: field '{key}' holds {array.dtype} values, expected numbers")
+    return array.astype(np.float64)
 
 
 def validate_structure(s: Structure, *, require_energy: bool = True, require_forces: bool = True,
                        min_distance: float = MIN_DISTANCE) -> None:
-    """Raise DataError if `s` has NaNs, wrong shapes, unknown elements or overlapping atoms."""
+    """Raise DataError if `s` has NaNs or infs, wrong shapes, unknown elements, a singular or
+    too thin periodic cell, or overlapping atoms."""
     where = s.where()
     n = len(s.numbers)
     if n == 0:
         raise DataError(f"{where}: structure has no atoms")
     if s.positions.shape != (n, 3):
         raise DataError(f"{where}: field 'positions' has shape {s.positions.shape}, expected ({n}, 3)")
-    if not np.all(np.isfinite(s.positions)):
-        raise DataError(f"{where}: field 'positions' contains NaN or inf")
+    _check_coordinates(s.positions, "positions", where)
     bad = (s.numbers < 1) | (s.numbers > 118)
     if bad.any():
         raise DataError(f"{where}: field 'numbers' has unknown element(s) {sorted(set(s.numbers[bad]))}")
@@ -225,8 +396,7 @@ def validate_structure(s: Structure, *, require_energy: bool = True, require_for
             raise DataError(f"{where}: field 'forces' contains NaN or inf")
     elif require_forces:
         raise DataError(f"{where}: field 'forces' is missing")
-    if np.any(s.pbc) and abs(np.linalg.det(s.cell)) < 1e-8:
-        raise DataError(f"{where}: field 'cell' is singular but pbc={s.pbc.tolist()}")
+    _validate_cell(s, where, min_distance)
     if n > 1:
         from .neighbors import neighbor_list
 
@@ -242,6 +412,59 @@ def validate_structure(s: Structure, *, require_energy: bool = True, require_for
                 f"{d[k]:.3f} Å apart "
                 f"(closer than {min_distance} Å): overlapping atoms"
             )
+
+
+def _check_coordinates(values: np.ndarray, field: str, where: str) -> None:
+    """Lengths (Å) must be finite and at most MAX_COORDINATE in magnitude."""
+    if not np.all(np.isfinite(values)):
+        raise DataError(f"{where}: field '{field}' contains NaN or inf")
+    if values.size and np.abs(values).max() > MAX_COORDINATE:
+        raise DataError(f"{where}: field '{field}' has values up to {np.abs(values).max():.3g} Å "
+                        f"(at most {MAX_COORDINATE:g} Å allowed)")
+
+
+def _validate_cell(s: Structure, where: str, min_distance: float) -> None:
+    """The cell and pbc of `s`: shapes, finite values and, along periodic axes, lattice
+    vectors that span a cell at least `min_distance` wide (a narrower one puts every atom on
+    top of its own periodic image, and makes the neighbour search explode)."""
+    if np.shape(s.pbc) != (3,):
+        raise DataError(f"{where}: field 'pbc' has shape {np.shape(s.pbc)}, expected (3,)")
+    if np.shape(s.cell) != (3, 3):
+        raise DataError(f"{where}: field 'cell' has shape {np.shape(s.cell)}, expected (3, 3)")
+    _check_coordinates(s.cell, "cell", where)
+    pbc = np.asarray(s.pbc, dtype=bool)
+    if not pbc.any():
+        return
+    widths = periodic_widths(s.cell, pbc)
+    axis = int(np.flatnonzero(pbc)[int(np.argmin(widths))])
+    if widths.min() <= 1e-8 * max(1.0, float(np.abs(s.cell).max())):
+        raise DataError(f"{where}: field 'cell' is singular but pbc={pbc.tolist()} (the periodic "
+                        f"lattice vectors are zero or linearly dependent, axis {axis})")
+    if widths.min() < min_distance:
+        raise DataError(f"{where}: field 'cell' is only {widths.min():.3g} Å wide along periodic "
+                        f"axis {axis}: every atom is closer than {min_distance} Å to its own "
+                        "periodic image")
+
+
+def check_duplicates(structures: Sequence[Structure], decimals: int = 8) -> None:
+    """Raise DataError if two structures have the same atomic numbers, positions (rounded to
+    `decimals` places, Å), cell and pbc; the message names both frames. O(N) with a hash."""
+    seen: dict[bytes, Structure] = {}
+    for s in structures:
+        key = b"|".join((
+            np.asarray(s.numbers, dtype=np.int64).tobytes(),
+            (np.round(np.asarray(s.positions, dtype=np.float64), decimals) + 0.0).tobytes(),
+            np.asarray(s.pbc, dtype=bool).tobytes(),
+            (np.round(np.asarray(s.cell, dtype=np.float64), decimals) + 0.0).tobytes()
+            if np.any(s.pbc) else b"",
+        ))
+        first = seen.setdefault(key, s)
+        if first is not s:
+            other = (f"frame {first.frame}" if first.source == s.source
+                     else f"{first.source or '<memory>'}, frame {first.frame}")
+            raise DataError(f"{s.where()}: field 'positions' duplicates {other} (same atoms at "
+                            "the same positions); remove the copy or set "
+                            "data.allow_duplicates: true")
 
 
 def check_elements(structures: Sequence[Structure], elements: Sequence[int],

@@ -85,8 +85,15 @@ class CholeskyHead(Head):
 
     @staticmethod
     def logdet_and_inverse(sigma0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """log det Sigma0 and Sigma0^-1 through the Cholesky factor of Sigma0 (jitter included)."""
-        factor = torch.linalg.cholesky(sigma0)
+        """log det Sigma0 and Sigma0^-1 through the Cholesky factor of Sigma0 (jitter included).
+
+        L L^T + eps I is SPD only in exact arithmetic: in float32, once its condition number
+        passes ~1/eps_float32, the rounded matrix can have a negative eigenvalue and the
+        factorisation fails (the ill-conditioning e2IP's expm avoids). Such atoms get NaN here
+        instead of an exception, so a training step that meets one is skipped and logged."""
+        factor, info = torch.linalg.cholesky_ex(sigma0)
+        failed = (info != 0)[:, None, None]
+        factor = torch.where(failed, torch.full_like(factor, math.nan), factor)
         logdet = 2.0 * torch.log(factor.diagonal(dim1=-2, dim2=-1)).sum(-1)
         return logdet, torch.cholesky_inverse(factor)
 

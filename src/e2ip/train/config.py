@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,9 +29,15 @@ class DataConfig:
     """train: data file (None: the built-in demo set); validation/test: separate files, else cut
     from `train` by `split` (fractions train/validation/test, shuffled with `seed`);
     n_train/n_validation/n_test: caps on the number of structures; energy_key/forces_key: extxyz keys;
+    energy_key null: train on forces alone (data without energies; no energy loss, zero reference
+    energies, so predicted energies are defined up to a constant; forces are required: the
+    uncertainty heads learn from force labels);
     energy_unit/length_unit: units in the files (None: eV/Å for xyz, kcal/mol/Å for npz);
     reference_energies: 'fit' (least squares on train), 'zero', or an isolated-atoms file;
-    report_units: energy unit of reported metrics ('eV' or 'kcal/mol')."""
+    report_units: energy unit of reported metrics ('eV' or 'kcal/mol');
+    allow_duplicates: accept structures that occur twice in one data file (same atoms at the same
+    positions; by default an error naming both frames, since a copy can land in both the
+    training and the test split)."""
 
     train: str | None = None
     validation: str | None = None
@@ -40,7 +47,7 @@ class DataConfig:
     n_validation: int | None = None
     n_test: int | None = None
     seed: int = 0
-    energy_key: str = "energy"
+    energy_key: str | None = "energy"
     forces_key: str = "forces"
     energy_unit: str | None = None
     length_unit: str | None = None
@@ -48,6 +55,7 @@ class DataConfig:
     batch_size: int = 8
     eval_batch_size: int = 32
     report_units: str = "eV"
+    allow_duplicates: bool = False
 
 
 @dataclass
@@ -79,7 +87,10 @@ class TrainingConfig:
     elements, scales and reference energies are used (the model and head sections are ignored;
     an element it does not know is an error). scheduler_*: ReduceLROnPlateau on the validation
     loss. accelerator/devices/strategy: passed to the Lightning Trainer (e.g. 'gpu', 2, 'ddp').
-    num_threads: torch intra-op threads (None: torch's default). grad_clip: gradient-norm clip."""
+    num_threads: torch intra-op threads (None: torch's default). grad_clip: gradient-norm clip.
+    max_bad_steps: a step whose loss or gradient is NaN or inf is skipped (the weights are not
+    touched) and logged; after this many such steps in a row the run stops with an error naming
+    the batch's structures, keeping its last good checkpoint for --resume."""
 
     max_epochs: int = 200
     max_time: float | None = None
@@ -103,6 +114,7 @@ class TrainingConfig:
     progress_bar: bool = True
     tensorboard: bool = False
     init_from: str | None = None
+    max_bad_steps: int = 10
 
 
 @dataclass
@@ -168,10 +180,52 @@ def _type_name(hint) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
-def _unknown(key: str, known, where: str) -> ConfigError:
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value) on one line and at most `limit` characters, for messages."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _unknown(key, known, where: str) -> ConfigError:
+    key = repr(str(key))[1:-1][:80]  # control characters escaped: the message stays one line
     close = difflib.get_close_matches(key.split(".")[-1], list(known), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"unknown key '{where}{key}'{hint}")
+
+
+#: deepest nesting of lists and mappings, and most values in all, accepted in one config value
+MAX_NESTING = 16
+MAX_ITEMS = 10_000
+
+
+def _check_value(value, name: str) -> None:
+    """A ConfigError if `value` is, or holds in its lists and mappings, a NaN or infinite float,
+    refers to itself (a recursive YAML alias), nests deeper than MAX_NESTING levels, or expands
+    to more than MAX_ITEMS values (a YAML alias bomb: each alias is one more full copy once the
+    configuration is written out)."""
+    sizes: dict[int, int] = {}
+    ancestors: set[int] = set()
+
+    def size(item, depth: int) -> int:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"'{name}' must be finite, got {_short(value)}")
+        if not isinstance(item, (list, tuple, dict)):
+            return 1
+        if id(item) in ancestors:
+            raise ConfigError(f"'{name}' refers to itself (a recursive YAML alias)")
+        if id(item) not in sizes:
+            if depth >= MAX_NESTING:
+                raise ConfigError(f"'{name}' nests lists or mappings more than {MAX_NESTING} "
+                                  "levels deep")
+            ancestors.add(id(item))
+            children = item.values() if isinstance(item, dict) else item
+            sizes[id(item)] = 1 + sum(size(child, depth + 1) for child in children)
+            ancestors.discard(id(item))
+        if sizes[id(item)] > MAX_ITEMS:
+            raise ConfigError(f"'{name}' holds more than {MAX_ITEMS} values")
+        return sizes[id(item)]
+
+    size(value, 0)
 
 
 def _build_section(cls, values: dict, where: str):
@@ -187,8 +241,9 @@ def _build_section(cls, values: dict, where: str):
             value = _float_or_same(value)  # YAML 1.1 reads '5e-3' (no dot) as a string
         if not _type_ok(value, hints[key]):
             raise ConfigError(
-                f"'{where}{key}' must be {_type_name(hints[key])}, got {value!r}"
+                f"'{where}{key}' must be {_type_name(hints[key])}, got {_short(value)}"
             )
+        _check_value(value, f"{where}{key}")
         if hints[key] is float and isinstance(value, int):
             value = float(value)
         kwargs[key] = value
@@ -214,7 +269,7 @@ def config_from_dict(raw: dict | None) -> Config:
     for name in ("head", *_SECTIONS):
         if raw.get(name) is not None and not isinstance(raw[name], dict):
             raise ConfigError(f"'{name}' must be a mapping of keys, got "
-                              f"{type(raw[name]).__name__} {raw[name]!r}")
+                              f"{type(raw[name]).__name__} {_short(raw[name])}")
     for name, cls in _SECTIONS.items():
         values = dict(raw.get(name) or {})
         if name == "model":
@@ -256,6 +311,8 @@ def config_from_dict(raw: dict | None) -> Config:
         raise ConfigError(f"'training.ema_decay' must be in (0, 1) or null, got {t.ema_decay}")
     if t.max_epochs < 1:
         raise ConfigError(f"'training.max_epochs' must be >= 1, got {t.max_epochs}")
+    if t.max_bad_steps < 1:
+        raise ConfigError(f"'training.max_bad_steps' must be >= 1, got {t.max_bad_steps}")
     if t.init_from is not None and not Path(t.init_from).exists():
         raise ConfigError(f"'training.init_from': file not found: {t.init_from}")
     if cfg.data.report_units.lower() not in ("ev", "kcal/mol", "mev", "kj/mol"):
@@ -263,38 +320,56 @@ def config_from_dict(raw: dict | None) -> Config:
                           f"got {cfg.data.report_units!r}")
     from ..data.units import energy_factor, length_factor
 
-    if cfg.data.energy_unit is not None:
-        energy_factor(cfg.data.energy_unit)
-    if cfg.data.length_unit is not None:
-        length_factor(cfg.data.length_unit)
+    for key, factor in (("energy_unit", energy_factor), ("length_unit", length_factor)):
+        if getattr(cfg.data, key) is not None:
+            try:
+                factor(getattr(cfg.data, key))
+            except ConfigError as exc:
+                raise ConfigError(f"'data.{key}': {exc}") from None
     for key in ("train", "validation", "test"):
-        path = getattr(cfg.data, key)
-        if path is not None and not Path(path).exists():
-            raise ConfigError(f"'data.{key}': file not found: {path}")
-    if cfg.data.reference_energies not in ("fit", "zero") and not Path(
-            cfg.data.reference_energies).exists():
-        raise ConfigError(f"'data.reference_energies': file not found: {cfg.data.reference_energies}")
+        if getattr(cfg.data, key) is not None:
+            _check_file(f"data.{key}", getattr(cfg.data, key))
+    if cfg.data.reference_energies not in ("fit", "zero"):
+        _check_file("data.reference_energies", cfg.data.reference_energies)
     return cfg
+
+
+def _check_file(key: str, path: str) -> None:
+    """A ConfigError unless `path` (the value of `key`) is an existing file."""
+    if not Path(path).exists():
+        raise ConfigError(f"'{key}': file not found: {path}")
+    if Path(path).is_dir():
+        raise ConfigError(f"'{key}': {path} is a directory, expected a file")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
+        raise ConfigError(f"override {_short(text)} must look like section.key=value")
     key, value = text.split("=", 1)
     try:
         parsed = yaml.safe_load(value) if value != "" else None
-    except yaml.YAMLError:
+    except Exception:  # noqa: BLE001 - not YAML (or YAML that cannot be built): the plain text
         parsed = value
-    return key.strip().split("."), parsed
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {_short(text)}: the key {key.strip()!r} has an empty part; "
+                          "write section.key=value")
+    return path, parsed
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`raw` with each `section.key=value` override set (sections created as needed)."""
     raw = dict(raw)
     for text in overrides:
         path, value = parse_override(text)
         node = raw
-        for part in path[:-1]:
-            node[part] = dict(node.get(part) or {})
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is not None and not isinstance(child, dict):
+                where = ".".join(path[:depth + 1])
+                raise ConfigError(f"override {_short(text)}: '{where}' is a {type(child).__name__} "
+                                  f"({_short(child)}), not a section of keys")
+            node[part] = dict(child or {})
             node = node[part]
         node[path[-1]] = value
     return raw
@@ -312,10 +387,20 @@ def read_yaml_mapping(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, expected a YAML config file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: "
+                          f"{exc.object[exc.start:exc.start + 1]!r})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except Exception as exc:  # noqa: BLE001 - YAMLError, or a value YAML cannot build
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     return raw

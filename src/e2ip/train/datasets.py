@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.readers import check_elements, read_structures
+from ..data.readers import check_duplicates, check_elements, read_structures
 from ..data.splits import (
     check_split,
     fit_reference_energies,
@@ -41,8 +41,15 @@ class PreparedData:
 
 
 def read_with(cfg: DataConfig, path) -> list[Structure]:
-    return read_structures(path, energy_key=cfg.energy_key, forces_key=cfg.forces_key,
-                           energy_unit=cfg.energy_unit, length_unit=cfg.length_unit)
+    """Read one data file as the config says (`energy_key: null`: forces only)."""
+    structures = read_structures(path, energy_key=cfg.energy_key or "energy",
+                                 forces_key=cfg.forces_key, energy_unit=cfg.energy_unit,
+                                 length_unit=cfg.length_unit,
+                                 require_energy=cfg.energy_key is not None)
+    if cfg.energy_key is None:
+        for s in structures:
+            s.energy = None
+    return structures
 
 
 def _check_elements_in_training(train, others: dict[str, list[Structure]], known) -> None:
@@ -71,6 +78,9 @@ def prepare_data(cfg: DataConfig, base=None) -> PreparedData:
     test_path = cfg.test or (None if cfg.train else demo_data_path(test=True))
     validation = read_with(cfg, cfg.validation) if cfg.validation else None
     test = read_with(cfg, test_path) if test_path else None
+    if not cfg.allow_duplicates:  # per file: a file concatenated twice, a frame written twice
+        for part in (pool, validation, test):
+            check_duplicates(part or [])
     # parts that come from their own files take nothing from the pool: the rest is re-shared
     fractions = [f_train, 0.0 if validation else f_val, 0.0 if test else f_test]
     total = sum(fractions) if (validation or test) else 1.0
@@ -98,8 +108,10 @@ def prepare_data(cfg: DataConfig, base=None) -> PreparedData:
     train_elements = {int(z) for s in train for z in s.numbers}
     _check_elements_in_training(train, {"validation": validation, "test": test}, train_elements)
     elements = sorted(train_elements)
-    if cfg.reference_energies == "fit":
+    if cfg.reference_energies == "fit" and cfg.energy_key is not None:
         ref = fit_reference_energies(train, elements)
+    elif cfg.reference_energies == "fit":  # forces only: nothing to fit, energies up to a constant
+        ref = np.zeros(len(elements))
     elif cfg.reference_energies == "zero":
         ref = np.zeros(len(elements))
     else:

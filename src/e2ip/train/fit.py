@@ -100,6 +100,8 @@ def train_model(cfg: Config, out_dir: str | Path, *, data: PreparedData | None =
         raise ConfigError(f"{out_dir} already holds a run; use --resume to continue it or "
                           f"choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_dir.glob("*.tmp") if resume else ():
+        stale.unlink()  # a checkpoint write torn by a crash; the real file is the previous one
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     L.seed_everything(t.seed + member, workers=True, verbose=False)

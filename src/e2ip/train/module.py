@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import torch
 
 from ..data.graph import AtomicGraph
+from ..errors import TrainingError
 from ..model import PotentialModel
+
+log = logging.getLogger("e2ip")
 
 
 class PotentialModule(L.LightningModule):
@@ -21,24 +26,25 @@ class PotentialModule(L.LightningModule):
         if initial_state is not None:  # fine-tuning: start from a trained model's weights
             self.model.load_state_dict(initial_state)
         self.training_options = training
+        self._bad_steps = 0  # consecutive skipped steps
+        self._step: dict = {}  # the current training step's loss, logs and structures
 
     def compute_loss(self, model: PotentialModel, batch: AtomicGraph, create_graph: bool):
         opts = self.training_options
         out = model(batch, create_graph=create_graph)
         scale = model.force_scale
-        e_err = (out["energy"] - batch.energy) / batch.n_atoms / scale
-        energy_loss = (e_err**2).mean()
         head_loss = model.head.loss(out["params"], out["forces"], batch.forces)
         force_loss = head_loss["loss"].mean()
-        loss = opts["energy_weight"] * energy_loss + opts["force_weight"] * force_loss
+        loss = opts["force_weight"] * force_loss
         f_err = out["forces"] - batch.forces
         if model.has_uncertainty and opts["mse_weight"]:
             loss = loss + opts["mse_weight"] * ((f_err**2).mean() / scale**2)
-        logs = {
-            "loss": loss.detach(),
-            "energy_mae": ((out["energy"] - batch.energy) / batch.n_atoms).abs().mean().detach(),
-            "force_mae": f_err.abs().mean().detach(),
-        }
+        logs = {"force_mae": f_err.abs().mean().detach()}
+        if batch.energy is not None:  # data without energies (data.energy_key: null) trains on forces
+            e_err = (out["energy"] - batch.energy) / batch.n_atoms
+            loss = loss + opts["energy_weight"] * ((e_err / scale) ** 2).mean()
+            logs["energy_mae"] = e_err.abs().mean().detach()
+        logs["loss"] = loss.detach()
         for key in ("nll", "reg"):
             if key in head_loss:
                 logs[key] = head_loss[key].mean().detach()
@@ -46,9 +52,52 @@ class PotentialModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, logs = self.compute_loss(self.model, batch, create_graph=True)
-        self.log_dict({f"train_{k}": v for k, v in logs.items()}, on_step=False, on_epoch=True,
-                      batch_size=batch.num_graphs, prog_bar=False)
+        # logged in on_before_optimizer_step, once it is known whether the step is kept
+        self._step = {"loss": loss.detach(), "logs": logs, "frames": batch.frames,
+                      "batch_size": batch.num_graphs}
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Skip a step whose gradient (or loss) is NaN or inf: drop the gradients, so AdamW
+        leaves every parameter and its moments untouched, and log it (`train_skipped_steps` in
+        metrics.csv). After `training.max_bad_steps` such steps in a row, stop with a
+        :class:`TrainingError` naming the batch's structures; the last checkpoint, written at
+        the end of the previous epoch, is good.
+
+        The skip is decided on the gradient norm alone: under DDP gradients are all-reduced
+        before this hook, so every rank takes the same decision (a rank's NaN loss makes every
+        rank's gradient NaN). One host sync per step."""
+        step = self._step
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else step["loss"].new_zeros(())
+        grad_ok, loss_ok = torch.stack([torch.isfinite(grad_norm),
+                                        torch.isfinite(step["loss"])]).tolist()
+        if loss_ok:
+            self.log_dict({f"train_{k}": v for k, v in step["logs"].items()}, on_step=False,
+                          on_epoch=True, batch_size=step["batch_size"], prog_bar=False)
+        self.log("train_skipped_steps", float(not grad_ok), on_step=False, on_epoch=True,
+                 reduce_fx="sum", batch_size=1)
+        if grad_ok:
+            self._bad_steps = 0
+            return
+        optimizer.zero_grad(set_to_none=True)
+        self._bad_steps += 1
+        frames = step["frames"]
+        listing = "; ".join(frames[:4]) + (f" and {len(frames) - 4} more" if len(frames) > 4
+                                           else "")
+        what = "loss and gradient" if not loss_ok else "gradient"
+        log.warning("epoch %d, step %d: skipped, non-finite %s in the batch of %s",
+                    self.current_epoch, self.global_step, what, listing or "?")
+        limit = self.training_options["max_bad_steps"]
+        if self._bad_steps >= limit:
+            ckpt = f"{self.trainer.default_root_dir}/checkpoints/last.ckpt"
+            kept = (f"the last good checkpoint {ckpt} is kept (--resume continues from it)"
+                    if self.current_epoch > 0 else "no checkpoint was written yet")
+            raise TrainingError(
+                f"training stopped at epoch {self.current_epoch}, step {self.global_step}: "
+                f"{limit} steps in a row had a non-finite {what} (training.max_bad_steps); "
+                f"the last batch held {listing or '?'}; check these structures or lower "
+                f"training.lr; {kept}")
 
     def validation_step(self, batch, batch_idx):
         _, logs = self.compute_loss(self.model, batch, create_graph=False)
