@@ -24,3 +24,21 @@ class ModelError(E2IPError, ValueError):
 class TrainingError(E2IPError, RuntimeError):
     """A training run that cannot go on (for example repeated non-finite losses or gradients);
     the message names the batch's structures, and the last good checkpoint is kept."""
+
+
+# --- one-line message helpers (every message is one line, see the module docstring) ----------
+
+def shorten(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, ending in '...' when cut."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def short_repr(value, limit: int = 60) -> str:
+    """repr(value) on one line and at most `limit` characters (for values read from a file)."""
+    return shorten(" ".join(repr(value).split()), limit)
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type name when empty), at most `limit`
+    characters."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

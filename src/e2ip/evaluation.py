@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data.graph import graph_from_structures
+from .data.graph import frames_listing, graph_from_structures
 from .data.readers import check_elements
 from .data.structures import Structure
 from .data.units import energy_factor
@@ -139,9 +139,8 @@ def _check_finite(x: torch.Tensor, y: torch.Tensor | None, frames, what: str) ->
     """Raise ModelError naming the batch's structures when a prediction is NaN or inf (a model
     with broken weights; metrics of such predictions would be meaningless or crash)."""
     if not bool(torch.isfinite(x).all()) or (y is not None and not bool(torch.isfinite(y).all())):
-        listing = "; ".join(frames[:3]) + (f" and {len(frames) - 3} more" if len(frames) > 3
-                                           else "")
-        raise ModelError(f"the model predicts non-finite {what} for a batch holding {listing}; "
+        raise ModelError(f"the model predicts non-finite {what} for a batch holding "
+                         f"{frames_listing(frames, 3)}; "
                          "its weights are probably broken (NaN or inf)")
 
 

@@ -11,9 +11,9 @@ import os
 import torch
 
 from .ensemble import Ensemble
-from .errors import ModelError
+from .errors import ModelError, short_repr
 from .model import PotentialModel
-from .potential import Potential, read_model_payload, resolve_device, short_repr
+from .potential import Potential, read_model_payload, resolve_device
 
 MODEL_KINDS: dict[str, type[Potential]] = {cls.kind: cls for cls in (PotentialModel, Ensemble)}
 

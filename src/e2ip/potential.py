@@ -34,7 +34,7 @@ from torch import nn
 from .data.graph import AtomicGraph, graph_from_structures
 from .data.readers import check_elements, validate_structure
 from .data.structures import Structure
-from .errors import ModelError
+from .errors import ModelError, first_line, short_repr, shorten
 from .files import atomic_torch_save
 from .predictive import Predictive
 
@@ -72,17 +72,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def short_repr(value: Any, limit: int = 60) -> str:
-    """repr(value) on one line and at most `limit` characters (for values read from a file)."""
-    text = " ".join(repr(value).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    """The first line of an exception's message (or its type name), at most `limit` chars."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
-
-
 def _check_archive(path: Path) -> None:
     """A ModelError if the model file is a zip archive whose checksums do not match (bytes
     changed on disk or in transfer: torch.load itself never checks them). Files that are not
@@ -94,7 +83,7 @@ def _check_archive(path: Path) -> None:
         return
     except Exception as exc:  # noqa: BLE001 - a damaged archive can fail in many ways
         raise ModelError(f"{path}: not a readable e2ip model file (corrupted or truncated? "
-                         f"{_first_line(exc, 120)})") from None
+                         f"{first_line(exc, 120)})") from None
     if bad is not None:
         raise ModelError(f"{path}: corrupted e2ip model file (checksum mismatch in {bad})")
 
@@ -118,9 +107,9 @@ def read_model_payload(path: str | os.PathLike, device: str | torch.device = "cp
                              "tensors (loading it could run code); not an e2ip model file") from None
         detail = [line.strip() for line in str(exc).splitlines() if "Unsupported" in line]
         raise ModelError(f"{path}: not a readable e2ip model file (corrupted? "
-                         f"{(detail or [_first_line(exc, 120)])[0][:120]})") from None
+                         f"{(detail or [first_line(exc, 120)])[0][:120]})") from None
     except Exception as exc:  # noqa: BLE001 - torch.load on damaged bytes can fail in many ways
-        first = _first_line(exc, 1000).split(". ")[0][:120]
+        first = first_line(exc, 1000).split(". ")[0][:120]
         raise ModelError(f"{path}: not a readable e2ip model file (corrupted or truncated? "
                          f"{first})") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
@@ -366,8 +355,8 @@ def _state_error(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
-    text = " ".join(lines[:2]) if lines[0].startswith("Error(s) in loading") else lines[0]
-    return text if len(text) <= 200 else text[:197] + "..."
+    return shorten(" ".join(lines[:2]) if lines[0].startswith("Error(s) in loading")
+                   else lines[0], 200)
 
 
 def detached_outputs(out: dict) -> dict:

@@ -69,6 +69,13 @@ class _GraphRecord:
     where: str = ""
 
 
+def frames_listing(frames: Sequence[str], limit: int) -> str:
+    """The first `limit` of a batch's `frames` ("file, frame k") joined by '; ', then how many
+    more, for messages ('?' when unknown)."""
+    more = f" and {len(frames) - limit} more" if len(frames) > limit else ""
+    return "; ".join(frames[:limit]) + more if frames else "?"
+
+
 def structure_to_graph(s: Structure, cutoff: float) -> _GraphRecord:
     i, j, shifts = neighbor_list(s.positions, s.cell, s.pbc, cutoff)
     return _GraphRecord(

@@ -67,6 +67,12 @@ def periodic_widths(cell: np.ndarray, pbc) -> np.ndarray:
     return np.array([spanned / o if o > 0 else 0.0 for o in others])
 
 
+def is_singular(widths: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> bool:
+    """Whether the periodic lattice vectors (widths from :func:`periodic_widths`) are zero or
+    linearly dependent, relative to the size of the periodic rows of `cell`."""
+    return bool(widths.min() <= 1e-8 * max(1.0, float(np.abs(cell[pbc]).max())))
+
+
 def _check_inputs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float):
     """Refuse what would crash or hang the search, with a DataError (no file or frame is known
     here: readers call validate_structure first, which names them)."""
@@ -81,7 +87,7 @@ def _check_inputs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cuto
     if cell.shape != (3, 3) or not np.isfinite(cell[pbc]).all():
         raise DataError(f"neighbour list: the cell must be a finite (3, 3) array, got {cell.tolist()}")
     widths = periodic_widths(cell, pbc)
-    if widths.min() <= 1e-8 * max(1.0, float(np.abs(cell[pbc]).max())):
+    if is_singular(widths, cell, pbc):
         raise DataError(f"neighbour list: the cell is singular along a periodic axis "
                         f"(pbc={pbc.tolist()}, cell={cell.tolist()})")
     images = np.prod(2 * np.ceil(cutoff / widths) + 1)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
-from .neighbors import periodic_widths
+from ..errors import ConfigError, first_line, shorten
+from .neighbors import is_singular, periodic_widths
 from .structures import DataError, Structure
 from .units import energy_factor, length_factor
 
@@ -131,8 +131,7 @@ def _npz_field(data, key: str, path, kinds: str = "iuf") -> np.ndarray:
     try:
         array = np.asarray(data[key])
     except Exception as exc:  # noqa: BLE001 - object arrays, corrupted members, ...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise DataError(f"{path}: field '{key}' cannot be read ({first})") from None
+        raise DataError(f"{path}: field '{key}' cannot be read ({first_line(exc)})") from None
     if array.dtype.kind not in kinds:
         raise DataError(f"{path}: field '{key}' holds {array.dtype} values, expected numbers")
     return array
@@ -231,8 +230,7 @@ def _npz_structures(data, keys: set[str], path, energy_unit, length_unit, requir
 def _one_line(exc: BaseException, limit: int = 200) -> str:
     """`Type: first line of the message`, at most `limit` characters."""
     first = (str(exc).strip().splitlines() or [""])[0]
-    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return shorten(f"{type(exc).__name__}: {first}" if first else type(exc).__name__, limit)
 
 
 def _ase_format(path: Path, format: str | None) -> str | None:
@@ -437,7 +435,7 @@ def _validate_cell(s: Structure, where: str, min_distance: float) -> None:
         return
     widths = periodic_widths(s.cell, pbc)
     axis = int(np.flatnonzero(pbc)[int(np.argmin(widths))])
-    if widths.min() <= 1e-8 * max(1.0, float(np.abs(s.cell).max())):
+    if is_singular(widths, np.asarray(s.cell, dtype=np.float64), pbc):
         raise DataError(f"{where}: field 'cell' is singular but pbc={pbc.tolist()} (the periodic "
                         f"lattice vectors are zero or linearly dependent, axis {axis})")
     if widths.min() < min_distance:

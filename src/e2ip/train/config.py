@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from ..data.splits import check_split
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, first_line, short_repr
 from ..files import atomic_write_text
 
 __all__ = ["Config", "ConfigError", "load_config"]
@@ -180,10 +180,9 @@ def _type_name(hint) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    """repr(value) on one line and at most `limit` characters, for messages."""
-    text = " ".join(repr(value).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+def _short(value: Any) -> str:
+    """A value in a message: one line, at most 80 characters."""
+    return short_repr(value, 80)
 
 
 def _unknown(key, known, where: str) -> ConfigError:
@@ -399,8 +398,7 @@ def read_yaml_mapping(path: str | Path) -> dict:
     try:
         raw = yaml.safe_load(text) or {}
     except Exception as exc:  # noqa: BLE001 - YAMLError, or a value YAML cannot build
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+        raise ConfigError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     return raw

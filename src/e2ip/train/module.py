@@ -8,7 +8,7 @@ import logging
 import lightning as L
 import torch
 
-from ..data.graph import AtomicGraph
+from ..data.graph import AtomicGraph, frames_listing
 from ..errors import TrainingError
 from ..model import PotentialModel
 
@@ -82,12 +82,10 @@ class PotentialModule(L.LightningModule):
             return
         optimizer.zero_grad(set_to_none=True)
         self._bad_steps += 1
-        frames = step["frames"]
-        listing = "; ".join(frames[:4]) + (f" and {len(frames) - 4} more" if len(frames) > 4
-                                           else "")
+        listing = frames_listing(step["frames"], 4)
         what = "loss and gradient" if not loss_ok else "gradient"
         log.warning("epoch %d, step %d: skipped, non-finite %s in the batch of %s",
-                    self.current_epoch, self.global_step, what, listing or "?")
+                    self.current_epoch, self.global_step, what, listing)
         limit = self.training_options["max_bad_steps"]
         if self._bad_steps >= limit:
             ckpt = f"{self.trainer.default_root_dir}/checkpoints/last.ckpt"
@@ -96,7 +94,7 @@ class PotentialModule(L.LightningModule):
             raise TrainingError(
                 f"training stopped at epoch {self.current_epoch}, step {self.global_step}: "
                 f"{limit} steps in a row had a non-finite {what} (training.max_bad_steps); "
-                f"the last batch held {listing or '?'}; check these structures or lower "
+                f"the last batch held {listing}; check these structures or lower "
                 f"training.lr; {kept}")
 
     def validation_step(self, batch, batch_idx):
