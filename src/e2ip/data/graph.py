@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from functools import partial
 
 import numpy as np
 import torch
@@ -128,11 +129,15 @@ class GraphDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> _GraphRecord:
         return self.records[k]
 
-    def loader(self, batch_size: int, shuffle: bool = False, dtype=torch.float32, seed: int = 0):
+    def loader(self, batch_size: int, shuffle: bool = False, dtype=torch.float32, seed: int = 0,
+               num_workers: int = 0):
+        """A DataLoader of collated :class:`AtomicGraph` batches. The collate function is a
+        `functools.partial` of a module-level function, so spawned workers can pickle it."""
         gen = torch.Generator().manual_seed(seed)
         return torch.utils.data.DataLoader(
             self, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None,
-            collate_fn=lambda recs: collate(recs, dtype),
+            collate_fn=partial(collate, dtype=dtype), num_workers=num_workers,
+            persistent_workers=num_workers > 0,
         )
 
 
