@@ -12,6 +12,7 @@ import torch
 from e3nn import o3
 from e3nn.io import CartesianTensor
 
+from e2ip.heads.evidential import E2IPHyperparameters
 from e2ip.heads.spd import (
     damp_norm,
     damp_scalar,
@@ -20,6 +21,7 @@ from e2ip.heads.spd import (
     l2_to_matrix,
     linear_tanh,
     matrix_to_l2,
+    squarings_for,
     sym_outer_l2,
 )
 
@@ -265,6 +267,23 @@ def test_expm_batched_random():
     assert float(rel.max()) < 1e-11
     # empty batch
     assert expm_symmetric(torch.zeros(0, 3, 3, dtype=F64)).shape == (0, 3, 3)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_expm_fixed_squarings_over_the_damped_range(dtype, tol):
+    """With `max_norm` (the damper's bound |B|_F <= cmax2) the squaring count is fixed in advance:
+    every |B|_F from 1e-8 to cmax2 must still match scipy to the dtype's precision."""
+    cmax2 = E2IPHyperparameters().cmax2
+    g = torch.Generator().manual_seed(21)
+    c2 = torch.randn(400, 5, dtype=F64, generator=g)
+    norms = torch.logspace(-8, math.log10(cmax2 * 0.999), 400, dtype=F64)
+    c2 = c2 / torch.linalg.vector_norm(c2, dim=-1, keepdim=True) * norms[:, None]
+    a = l2_to_matrix(c2) + torch.randn(400, dtype=F64, generator=g)[:, None, None] * torch.eye(3)
+    ref = torch.from_numpy(np.stack([scipy.linalg.expm(x) for x in a.numpy()]))
+    ours = expm_symmetric(a.to(dtype), max_norm=cmax2).double()
+    rel = (ours - ref).abs().amax((-1, -2)) / ref.abs().amax((-1, -2))
+    assert float(rel.max()) < tol
+    assert squarings_for(cmax2) == 4  # 5 / 2^4 <= 0.5
 
 
 def test_expm_logdet_and_inverse():

@@ -97,7 +97,9 @@ class E2IPCalculator(Calculator):
     model: path to a model file (or run folder) or a loaded :class:`~e2ip.potential.Potential`;
     device: 'cpu', 'cuda', 'cuda:N'; form: uncertainty form ('raw', 'cal', None: the model's
     default); skin: neighbour-list skin in Å (0: rebuild every call); bias: an optional
-    :class:`~e2ip.bias.UncertaintyBias` for uncertainty-driven dynamics.
+    :class:`~e2ip.bias.UncertaintyBias` for uncertainty-driven dynamics; compile: run the model
+    through torch.compile (:meth:`~e2ip.potential.Potential.enable_compile`; the first call
+    compiles, tens of seconds).
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress",
@@ -106,7 +108,7 @@ class E2IPCalculator(Calculator):
 
     def __init__(self, model: str | os.PathLike | Potential, device: str = "cpu",
                  form: str | None = None, skin: float = DEFAULT_SKIN,
-                 bias: UncertaintyBias | None = None, **kwargs):
+                 bias: UncertaintyBias | None = None, compile: bool = False, **kwargs):
         super().__init__(**kwargs)
         dev = resolve_device(device)
         if isinstance(model, Potential):
@@ -116,6 +118,8 @@ class E2IPCalculator(Calculator):
 
             path = model if not os.path.isdir(model) else os.path.join(model, "model.pt")
             self.model = load_model(path, device=dev)
+        if compile:
+            self.model.enable_compile()
         self.form = self.model.resolve_form(form) if self.model.has_uncertainty else None
         self.bias = bias
         self.neighbors = NeighborCache(self.model.cutoff, skin)

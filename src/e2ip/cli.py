@@ -1,4 +1,4 @@
-"""Command line: `e2ip train | evaluate | calibrate | compare | md | active-learn`.
+"""Command line: `e2ip train | evaluate | calibrate | compare | md | active-learn | data`.
 
 Every problem with the input (data, configuration, model file, flags) is one line on stderr,
 `e2ip <command>: error: <message>`, and exit status 2; never a traceback."""
@@ -72,7 +72,8 @@ def _add_read_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="data file (extxyz or anything ASE reads, npz)")
+    p.add_argument("--data", required=True, help="data file (extxyz or anything ASE reads, npz, "
+                   "or .h5 written by e2ip data convert)")
     p.add_argument("--out", default=None, help="output directory (metrics, plots)")
     p.add_argument("--units", type=_report_unit, default="eV",
                    help="reported energy unit: eV, meV, kcal/mol, kJ/mol")
@@ -110,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --resume: accept configuration changes against the recorded run")
     p.add_argument("--init-from", default=None, metavar="MODEL",
                    help="fine-tune: start from this trained model file (sets training.init_from)")
+    p.add_argument("--accelerator", default=None,
+                   help="cpu, gpu, auto, ... (sets training.accelerator)")
+    p.add_argument("--devices", default=None,
+                   help="devices per node: a count, -1 (all), auto, or indices like 0,1 (sets "
+                   "training.devices); see docs/distributed.md")
+    p.add_argument("--num-nodes", type=_positive_int, default=None,
+                   help="nodes of a multi-node run (sets training.num_nodes)")
+    p.add_argument("--strategy", default=None,
+                   help="Lightning strategy, e.g. ddp (sets training.strategy)")
 
     p = sub.add_parser("evaluate", help="evaluate a model file on a data set")
     p.add_argument("model", help="model.pt written by e2ip train (or its run directory)")
@@ -179,6 +189,31 @@ def build_parser() -> argparse.ArgumentParser:
                    "--set training.training.max_epochs=50")
     p.add_argument("--out", default="runs/active", help="output directory (resumes if it "
                    "holds a loop with the same configuration)")
+
+    p = sub.add_parser("data", help="on-disk data sets: convert data files to HDF5, describe one")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{convert,info}")
+    q = data_sub.add_parser("convert", help="write data files into one HDF5 file (eV, Å) that "
+                            "training reads lazily (data.train: FILE.h5)")
+    q.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="data files (extxyz or anything ASE reads, npz, or .h5)")
+    q.add_argument("--out", required=True, help="the HDF5 file to write (.h5 or .hdf5)")
+    q.add_argument("--energy-unit", type=_unit_checker("energy"), default=None,
+                   help="energy unit in the inputs (default: eV for xyz, kcal/mol for npz)")
+    q.add_argument("--length-unit", type=_unit_checker("length"), default=None,
+                   help="length unit in the inputs (default Å)")
+    q.add_argument("--energy-key", default="energy",
+                   help="extxyz info key of the energy ('none': the data has forces only)")
+    q.add_argument("--forces-key", default="forces", help="extxyz array key of the forces")
+    q.add_argument("--index", default=":", help="frames of each input, e.g. ':100' or '::10'")
+    q.add_argument("--allow-duplicates", action="store_true",
+                   help="keep frames that repeat an earlier one (default: an error naming both)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (atomically, once the new file is complete)")
+    q.add_argument("--compression", choices=("gzip", "lzf", "none"), default="gzip",
+                   help="gzip (default, any HDF5 tool reads it), lzf (h5py only) or none")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q = data_sub.add_parser("info", help="describe an HDF5 file written by e2ip data convert")
+    q.add_argument("file", help="the .h5 file")
     return parser
 
 
@@ -188,21 +223,20 @@ def _model_path(path: str) -> Path:
 
 
 def _read_eval_data(args):
-    from .data.readers import read_structures
+    from .data.readers import read_structures, without_energies
 
     no_energy = args.energy_key.lower() in ("none", "null")
     structures = read_structures(args.data, energy_key=args.energy_key,
                                  forces_key=args.forces_key, energy_unit=args.energy_unit,
                                  length_unit=args.length_unit, index=args.index,
                                  require_energy=not no_energy)
-    for s in structures if no_energy else ():
-        s.energy = None
-    return structures
+    return without_energies(structures) if no_energy else structures
 
 
 def cmd_train(args) -> int:
     from .evaluation import format_table
     from .train.config import load_config
+    from .train.ranks import is_global_zero
     from .train.run import run_training
 
     overrides = list(args.overrides)
@@ -212,14 +246,19 @@ def cmd_train(args) -> int:
         overrides.append(f"training.max_epochs={args.max_epochs}")
     if args.max_time is not None:
         overrides.append(f"training.max_time={args.max_time}")
-    if args.init_from is not None:
-        overrides.append(f"training.init_from={args.init_from}")
+    for key, value in (("init_from", args.init_from), ("accelerator", args.accelerator),
+                       ("devices", args.devices), ("num_nodes", args.num_nodes),
+                       ("strategy", args.strategy)):
+        if value is not None:
+            overrides.append(f"training.{key}={value}")
     config = args.config
     recorded = Path(args.out) / "config.yaml"
     if args.resume and config is None and recorded.exists():
         config = recorded  # resume the run as it was configured (plus any --set)
     cfg = load_config(config, overrides)
     metrics = run_training(cfg, args.out, resume=args.resume, force=args.force)
+    if not is_global_zero():  # another process of a distributed run: rank 0 reports
+        return 0
     print(f"\n{metrics['data']} set metrics ({args.out}/metrics.json):")
     print(format_table(metrics))
     print(f"model written to {args.out}/model.pt")
@@ -332,6 +371,25 @@ def cmd_active_learn(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from .data.ondisk import _size, convert, describe
+
+    if args.data_command == "info":
+        print(describe(args.file))
+        return 0
+    summary = convert(args.inputs, args.out, energy_key=args.energy_key,
+                      forces_key=args.forces_key, energy_unit=args.energy_unit,
+                      length_unit=args.length_unit, index=args.index,
+                      allow_duplicates=args.allow_duplicates, overwrite=args.overwrite,
+                      compression=args.compression, progress=not args.no_progress)
+    from ase.data import chemical_symbols
+
+    elements = ", ".join(chemical_symbols[z] for z in summary.elements)
+    print(f"wrote {summary.path}: {summary.n_frames} frames, {summary.n_atoms} atoms "
+          f"({elements}), {_size(summary.size_bytes)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; progress goes to stderr through the `e2ip` logger while it runs."""
     handler = logging.StreamHandler()  # the current sys.stderr; removed again when done, so
@@ -354,7 +412,8 @@ def _run_command(argv: list[str] | None) -> int:
     except SystemExit as exc:  # usage errors (one line, status 2) and --help (status 0)
         return int(exc.code or 0)
     commands = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate,
-                "compare": cmd_compare, "md": cmd_md, "active-learn": cmd_active_learn}
+                "compare": cmd_compare, "md": cmd_md, "active-learn": cmd_active_learn,
+                "data": cmd_data}
     try:
         return commands[args.command](args)
     except E2IPError as exc:

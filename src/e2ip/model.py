@@ -55,6 +55,8 @@ class PotentialModel(Potential):
         lookup = torch.full((119,), -1, dtype=torch.long)
         lookup[torch.tensor(self.elements)] = torch.arange(len(self.elements))
         self.register_buffer("species_lookup", lookup, persistent=False)
+        self._compile_options: dict | None = None  # set by :meth:`enable_compile`
+        self._compiled = None  # the torch.compile'd energy-and-forces function, built lazily
 
     # -- description -------------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
@@ -78,7 +80,17 @@ class PotentialModel(Potential):
 
     # -- forward ----------------------------------------------------------------------------
     def species(self, numbers: torch.Tensor) -> torch.Tensor:
+        """Index of each atom's element in `elements`, (N,) long. Unknown elements are a
+        DataError in eager mode (one host sync); under torch.compile the check is left to the
+        callers that built the graph (a data-dependent branch would break the graph)."""
         species = self.species_lookup[numbers]
+        if not torch.compiler.is_compiling():
+            self.check_species(numbers, species)
+        return species
+
+    def check_species(self, numbers: torch.Tensor, species: torch.Tensor | None = None) -> None:
+        """Raise a DataError naming the elements of `numbers` the model does not know."""
+        species = self.species_lookup[numbers] if species is None else species
         if (species < 0).any():
             from ase.data import chemical_symbols
 
@@ -88,7 +100,6 @@ class PotentialModel(Potential):
                 + " unknown to the model (trained on "
                 + ", ".join(chemical_symbols[z] for z in self.elements) + ")"
             )
-        return species
 
     def forward(self, graph: AtomicGraph, compute_forces: bool = True,
                 create_graph: bool | None = None, compute_stress: bool = False,
@@ -103,6 +114,9 @@ class PotentialModel(Potential):
         if create_graph is None:
             create_graph = self.training
         species = self.species(graph.numbers)
+        if (self._compile_options is not None and compute_forces and not compute_stress
+                and bias is None and not self._chunked(graph)):
+            return self._compiled_forward(graph, species)
         dtype = next(self.parameters()).dtype
         positions = graph.positions.to(dtype)
         cell = graph.cell.to(dtype)
@@ -144,6 +158,62 @@ class PotentialModel(Potential):
         out.update({"energy": energy, "atomic_energies": atomic, "params": params})
         out.setdefault("forces", None)
         return out
+
+    # -- torch.compile ------------------------------------------------------------------------
+    def enable_compile(self, **options) -> PotentialModel:
+        """Run energy, forces and head parameters through one `torch.compile`d function
+        (options go to torch.compile; default `dynamic=True`, so batches of any size share one
+        graph). Forces come from `torch.func.grad` inside the compiled function, because
+        AOTAutograd cannot differentiate a compiled `autograd.grad` twice (a training step needs
+        the gradient of the forces). Stress, the uncertainty bias and edge-chunked large graphs
+        take the eager path. Returns self."""
+        self._compile_options = {"dynamic": True, **options}
+        self._compiled = None
+        return self
+
+    def disable_compile(self) -> PotentialModel:
+        self._compile_options, self._compiled = None, None
+        return self
+
+    def __getstate__(self):  # deepcopy / pickle (e.g. the EMA copy): rebuild the compiled fn lazily
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_compiled": None}
+
+    def _chunked(self, graph: AtomicGraph) -> bool:
+        chunk = self.backbone.edge_chunk()
+        return bool(chunk) and graph.edge_index.shape[1] > chunk
+
+    def _energy_and_forces(self, species, positions, edge_index, shifts, cell, batch,
+                           num_graphs: int):
+        """(energy (B,), atomic energies (N,), forces (N, 3), scalars, vectors, tensors); the
+        function torch.compile sees: tensors in, tensors out."""
+        from .backbones.base import BackboneOutput
+
+        def energy_of(pos):
+            graph = AtomicGraph(numbers=species, positions=pos, cell=cell, edge_index=edge_index,
+                                shifts=shifts, batch=batch, n_atoms=cell.new_zeros(0))
+            features = self.backbone(species, edge_index, graph.edge_vectors(pos), batch,
+                                     num_graphs)
+            atomic = features.atomic_energy * self.energy_scale + self.reference_energies[
+                species].to(pos.dtype)
+            aux = {"atomic_energy": atomic, "scalars": features.scalars,
+                   "vectors": features.vectors, "tensors": features.tensors}
+            return atomic.sum(), {k: v for k, v in aux.items() if v is not None}
+
+        grad, aux = torch.func.grad(energy_of, has_aux=True)(positions)
+        atomic = aux["atomic_energy"]
+        energy = scatter_sum(atomic, batch, num_graphs)
+        params = self.head(BackboneOutput(**aux))
+        return energy, atomic, -grad, params
+
+    def _compiled_forward(self, graph: AtomicGraph, species: torch.Tensor) -> dict[str, Any]:
+        if self._compiled is None:
+            self._compiled = torch.compile(self._energy_and_forces, **self._compile_options)
+        dtype = next(self.parameters()).dtype
+        energy, atomic, forces, params = self._compiled(
+            species, graph.positions.to(dtype), graph.edge_index, graph.shifts.to(dtype),
+            graph.cell.to(dtype), graph.batch, graph.num_graphs)
+        return {"energy": energy, "atomic_energies": atomic, "forces": forces, "params": params}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> PotentialModel:

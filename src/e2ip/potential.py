@@ -167,6 +167,15 @@ class Potential(nn.Module):
     cutoff: float
     metadata: dict
 
+    # -- torch.compile ------------------------------------------------------------------------
+    def enable_compile(self, **options) -> Potential:
+        """Compile the energy-and-forces path with torch.compile (options go to torch.compile).
+        A kind made of other potentials (an ensemble) compiles each of them. Returns self."""
+        for module in self.modules():
+            if module is not self and isinstance(module, Potential):
+                module.enable_compile(**options)
+        return self
+
     # -- to be provided by each kind -----------------------------------------------------------
     @property
     def has_uncertainty(self) -> bool:

@@ -116,17 +116,28 @@ def collate(records: Sequence[_GraphRecord], dtype: torch.dtype | None = None) -
 
 
 class GraphDataset(torch.utils.data.Dataset):
-    """Structures with their neighbour lists computed once (positions are fixed in training)."""
+    """Structures with their neighbour lists.
 
-    def __init__(self, structures: Sequence[Structure], cutoff: float):
-        self.structures = list(structures)
+    In memory (a list of structures) the lists are computed once, here (positions are fixed
+    in training). A lazy sequence (:class:`~e2ip.data.ondisk.OnDiskStructures`, data larger
+    than memory) is read and its neighbour lists built in :meth:`__getitem__`, i.e. in the
+    DataLoader's workers, frame by frame; the records, and so the batches, are the same.
+    `lazy`: force one way or the other (None: lazy exactly for lazy sequences)."""
+
+    def __init__(self, structures: Sequence[Structure], cutoff: float,
+                 lazy: bool | None = None):
         self.cutoff = cutoff
-        self.records = [structure_to_graph(s, cutoff) for s in self.structures]
+        self.lazy = getattr(structures, "lazy", False) is True if lazy is None else lazy
+        self.structures = structures if self.lazy else list(structures)
+        self.records = None if self.lazy else [structure_to_graph(s, cutoff)
+                                               for s in self.structures]
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.structures)
 
     def __getitem__(self, k: int) -> _GraphRecord:
+        if self.records is None:
+            return structure_to_graph(self.structures[k], self.cutoff)
         return self.records[k]
 
     def loader(self, batch_size: int, shuffle: bool = False, dtype=torch.float32, seed: int = 0,

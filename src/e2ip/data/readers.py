@@ -1,15 +1,19 @@
-"""Readers: extended XYZ (and anything ASE reads), rMD17 npz and sGDML/MD17/MD22 npz.
+"""Readers: extended XYZ (and anything ASE reads), rMD17 npz and sGDML/MD17/MD22 npz, and e2ip's
+own HDF5 files (:mod:`e2ip.data.ondisk`, written by `e2ip data convert`).
 
 Every reader returns a list of :class:`Structure` in eV, Å and eV/Å, validated: a problem raises
-:class:`DataError` naming the file, frame and field.
+:class:`DataError` naming the file, frame and field. An HDF5 file gives a lazy
+:class:`~e2ip.data.ondisk.OnDiskStructures` instead, which reads each frame when asked for it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +21,9 @@ from ..errors import ConfigError, first_line, shorten
 from .neighbors import is_singular, periodic_widths
 from .structures import DataError, Structure
 from .units import energy_factor, length_factor
+
+if TYPE_CHECKING:
+    from .ondisk import OnDiskStructures
 
 #: closest allowed distance between two atoms (Å)
 MIN_DISTANCE = 0.1
@@ -42,8 +49,13 @@ def read_structures(
     require_energy: bool = True,
     require_forces: bool = True,
     format: str | None = None,
-) -> list[Structure]:
+) -> list[Structure] | OnDiskStructures:
     """Read structures from `path` and convert them to eV, Å, eV/Å.
+
+    An e2ip HDF5 file (`.h5`, `.hdf5`, written by `e2ip data convert`) is opened lazily: the
+    result is an :class:`~e2ip.data.ondisk.OnDiskStructures` (a sequence that reads a frame
+    when it is asked for), already in eV and Å; a unit other than those is refused, the keys
+    are ignored (they were applied at conversion).
 
     npz files are recognised by their keys (rMD17: `nuclear_charges, coords, energies, forces`;
     sGDML: `z, R, E, F`, whose `e_unit`/`r_unit` entries are honoured). The default units are
@@ -51,19 +63,13 @@ def read_structures(
     Energies and forces of other files come from `atoms.info[energy_key]` /
     `atoms.arrays[forces_key]`, or from an attached ASE calculator's results.
     """
-    path = Path(path)
-    try:
-        exists, is_dir = path.exists(), path.is_dir()
-        empty = exists and not is_dir and path.stat().st_size == 0
-    except (OSError, ValueError) as exc:  # permissions, a name the OS refuses, ...
-        raise DataError(f"{path}: cannot be read ({exc})") from None
-    if not exists:
-        raise DataError(f"{path}: file not found")
-    if is_dir:
-        raise DataError(f"{path}: is a directory, expected a data file")
-    if empty:
-        raise DataError(f"{path}: file is empty")
+    path = _check_path(path)
     sel = _index_to_slice(index)
+    if is_ondisk_path(path, format):
+        from .ondisk import open_structures
+
+        return open_structures(path, index=sel, energy_unit=energy_unit, length_unit=length_unit,
+                               require_energy=require_energy, require_forces=require_forces)
     if (format or path.suffix.lower().lstrip(".")) == "npz":
         structures = _read_npz(path, energy_unit, length_unit, require_energy, require_forces)
         if isinstance(sel, int):
@@ -84,6 +90,89 @@ def read_structures(
     for s in structures:
         validate_structure(s, require_energy=require_energy, require_forces=require_forces)
     return structures
+
+
+def iter_structures(
+    path: str | os.PathLike,
+    *,
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+    energy_unit: str | None = None,
+    length_unit: str | None = None,
+    index: str | int | slice = ":",
+    require_energy: bool = True,
+    require_forces: bool = True,
+    format: str | None = None,
+    chunk_size: int = 1000,
+) -> Iterator[list[Structure]]:
+    """:func:`read_structures` in pieces: the same validated structures (eV, Å, eV/Å), yielded
+    in lists of at most `chunk_size`, so a large file never has to be held in memory at once.
+
+    Files ASE reads are streamed frame by frame (`ase.io.iread`); an npz file is read whole
+    (numpy cannot read part of an npz member) and handed out in pieces; an e2ip HDF5 file
+    (:mod:`e2ip.data.ondisk`) is read piece by piece."""
+    path = _check_path(path)
+    sel = _index_to_slice(index)
+    if is_ondisk_path(path, format) or (format or path.suffix.lower().lstrip(".")) == "npz":
+        structures = read_structures(
+            path, energy_key=energy_key, forces_key=forces_key, energy_unit=energy_unit,
+            length_unit=length_unit, index=sel, require_energy=require_energy,
+            require_forces=require_forces, format=format)
+        for start in range(0, len(structures), chunk_size):
+            yield list(structures[start:start + chunk_size])
+        return
+    yield from _iter_ase(path, energy_key, forces_key,
+                         "eV" if energy_unit is None else energy_unit,
+                         "Å" if length_unit is None else length_unit, sel,
+                         require_energy, require_forces, format, chunk_size)
+
+
+#: file name endings of e2ip's on-disk (HDF5) structure files
+ONDISK_SUFFIXES = ("h5", "hdf5")
+
+
+def is_ondisk_path(path: str | os.PathLike, format: str | None = None) -> bool:
+    """Whether `path` names an e2ip HDF5 structure file (by `format`, else by its ending)."""
+    return (format or Path(path).suffix.lower().lstrip(".")) in ONDISK_SUFFIXES
+
+
+def _check_path(path: str | os.PathLike) -> Path:
+    """`path` as a Path; DataError when it is missing, a directory, empty or unreadable."""
+    path = Path(path)
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+        empty = exists and not is_dir and path.stat().st_size == 0
+    except (OSError, ValueError) as exc:  # permissions, a name the OS refuses, ...
+        raise DataError(f"{path}: cannot be read ({exc})") from None
+    if not exists:
+        raise DataError(f"{path}: file not found")
+    if is_dir:
+        raise DataError(f"{path}: is a directory, expected a data file")
+    if empty:
+        raise DataError(f"{path}: file is empty")
+    return path
+
+
+def source_units(path: str | os.PathLike, energy_unit: str | None = None,
+                 length_unit: str | None = None, format: str | None = None) -> tuple[str, str]:
+    """The energy and length units :func:`read_structures` takes the file `path` to be in with
+    these options (an npz file's own `e_unit`/`r_unit` entries included)."""
+    path = Path(path)
+    if is_ondisk_path(path, format):
+        return "eV", "Å"
+    if (format or path.suffix.lower().lstrip(".")) != "npz":
+        return energy_unit or "eV", length_unit or "Å"
+    energy, length = energy_unit or "kcal/mol", length_unit or "Å"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys = set(data.files)
+            if energy_unit is None and "e_unit" in keys:  # as _npz_structures reads them
+                energy = str(np.asarray(data["e_unit"]).tolist())
+            if length_unit is None and "r_unit" in keys:
+                length = str(np.asarray(data["r_unit"]).tolist())
+    except Exception:  # noqa: BLE001 - the units are only recorded; reading reports problems
+        pass
+    return energy, length
 
 
 def _index_to_slice(index: str | int | slice) -> int | slice:
@@ -118,12 +207,18 @@ def _frame_numbers(index, count: int) -> list[int]:
     """Frame numbers in the file of the `count` frames selected by `index` (positions within the
     selection where the file's length would be needed, i.e. for negative indices)."""
     sel = _index_to_slice(index)
+    return [_frame_number(sel, k) for k in range(count)]
+
+
+def _frame_number(sel: int | slice, k: int) -> int:
+    """The frame number in the file of the k-th frame selected by `sel` (its position k in the
+    selection where the file's length would be needed, i.e. for negative indices)."""
     if isinstance(sel, int):
-        return [sel] if sel >= 0 else list(range(count))
+        return sel if sel >= 0 else k
     start, step = sel.start or 0, sel.step or 1
     if start >= 0 and step > 0:
-        return [start + k * step for k in range(count)]
-    return list(range(count))
+        return start + k * step
+    return k
 
 
 def _npz_field(data, key: str, path, kinds: str = "iuf") -> np.ndarray:
@@ -312,29 +407,70 @@ def _read_ase(path, energy_key, forces_key, energy_unit, length_unit, index, req
     if not isinstance(frames, list):
         frames = [frames]
     ef, lf = energy_factor(energy_unit), length_factor(length_unit)
-    out = []
-    for k, atoms in zip(_frame_numbers(index, len(frames)), frames):
-        energy = _get_energy(atoms, energy_key, f"{path}, frame {k}")
-        forces = _get_forces(atoms, forces_key, f"{path}, frame {k}")
-        if energy is None and require_energy:
-            raise DataError(
-                f"{path}, frame {k}: no energy under key '{energy_key}' "
-                f"(info keys: {sorted(atoms.info)}); set data.energy_key in the config "
-                "or --energy-key on the command line"
-            )
-        if forces is None and require_forces:
-            raise DataError(
-                f"{path}, frame {k}: no forces under key '{forces_key}' "
-                f"(per-atom arrays: {sorted(atoms.arrays)}); set data.forces_key in the config "
-                "or --forces-key on the command line"
-            )
-        s = Structure.from_atoms(atoms, source=str(path), frame=k)
-        s.positions = s.positions * lf
-        s.cell = s.cell * lf
-        s.energy = None if energy is None else energy * ef
-        s.forces = None if forces is None else forces * (ef / lf)
-        out.append(s)
-    return out
+    return [_ase_structure(atoms, path, k, energy_key, forces_key, ef, lf, require_energy,
+                           require_forces)
+            for k, atoms in zip(_frame_numbers(index, len(frames)), frames)]
+
+
+def _iter_ase(path: Path, energy_key, forces_key, energy_unit, length_unit, sel, require_energy,
+              require_forces, format, chunk_size: int) -> Iterator[list[Structure]]:
+    """:func:`_read_ase` frame by frame (`ase.io.iread`, the reader `ase.io.read` uses too),
+    validated and yielded in lists of at most `chunk_size`."""
+    import ase.io
+
+    if _ase_format(path, format) in ("extxyz", "xyz"):
+        _check_xyz_counts(path)
+    ef, lf = energy_factor(energy_unit), length_factor(length_unit)
+    frames = ase.io.iread(str(path), index=sel, format=format)
+    chunk: list[Structure] = []
+    count = 0
+    while True:
+        try:
+            atoms = next(frames)
+        except StopIteration:
+            break
+        except Exception as exc:  # noqa: BLE001
+            frame = _failing_frame(path, format)
+            where = f"{path}" if frame is None else f"{path}, frame {frame}"
+            raise DataError(f"{where}: could not be read by ASE ({_one_line(exc)})") from None
+        s = _ase_structure(atoms, path, _frame_number(sel, count), energy_key, forces_key, ef,
+                           lf, require_energy, require_forces)
+        validate_structure(s, require_energy=require_energy, require_forces=require_forces)
+        chunk.append(s)
+        count += 1
+        if len(chunk) >= chunk_size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+    if not count:
+        raise DataError(f"{path}: contains no structures")
+
+
+def _ase_structure(atoms, path: Path, k: int, energy_key: str, forces_key: str, ef: float,
+                   lf: float, require_energy: bool, require_forces: bool) -> Structure:
+    """Frame `k` of `path` (ASE Atoms) as a Structure in eV and Å (`ef`, `lf`: the factors of
+    the file's energy and length units)."""
+    energy = _get_energy(atoms, energy_key, f"{path}, frame {k}")
+    forces = _get_forces(atoms, forces_key, f"{path}, frame {k}")
+    if energy is None and require_energy:
+        raise DataError(
+            f"{path}, frame {k}: no energy under key '{energy_key}' "
+            f"(info keys: {sorted(atoms.info)}); set data.energy_key in the config "
+            "or --energy-key on the command line"
+        )
+    if forces is None and require_forces:
+        raise DataError(
+            f"{path}, frame {k}: no forces under key '{forces_key}' "
+            f"(per-atom arrays: {sorted(atoms.arrays)}); set data.forces_key in the config "
+            "or --forces-key on the command line"
+        )
+    s = Structure.from_atoms(atoms, source=str(path), frame=k)
+    s.positions = s.positions * lf
+    s.cell = s.cell * lf
+    s.energy = None if energy is None else energy * ef
+    s.forces = None if forces is None else forces * (ef / lf)
+    return s
 
 
 def _get_energy(atoms, key: str, where: str) -> float | None:
@@ -444,25 +580,53 @@ def _validate_cell(s: Structure, where: str, min_distance: float) -> None:
                         "periodic image")
 
 
-def check_duplicates(structures: Sequence[Structure], decimals: int = 8) -> None:
+def check_duplicates(structures: Iterable[Structure], decimals: int = 8) -> None:
     """Raise DataError if two structures have the same atomic numbers, positions (rounded to
-    `decimals` places, Å), cell and pbc; the message names both frames. O(N) with a hash."""
-    seen: dict[bytes, Structure] = {}
+    `decimals` places, Å), cell and pbc; the message names both frames. O(N) with a hash; one
+    pass over `structures` (a lazy sequence is streamed)."""
+    finder = DuplicateFinder(decimals)
     for s in structures:
-        key = b"|".join((
+        finder.add(s)
+
+
+class DuplicateFinder:
+    """The streaming form of :func:`check_duplicates`: :meth:`add` one structure at a time. It
+    keeps a 16-byte digest and the file and frame of each structure, not the structure."""
+
+    def __init__(self, decimals: int = 8, advice: str = "set data.allow_duplicates: true"):
+        self.decimals = decimals
+        self.advice = advice
+        self.seen: dict[bytes, tuple[str, int]] = {}
+
+    def add(self, s: Structure) -> None:
+        """Remember `s`; DataError naming both frames if an earlier structure was the same."""
+        decimals = self.decimals
+        key = hashlib.blake2b(b"|".join((
             np.asarray(s.numbers, dtype=np.int64).tobytes(),
             (np.round(np.asarray(s.positions, dtype=np.float64), decimals) + 0.0).tobytes(),
             np.asarray(s.pbc, dtype=bool).tobytes(),
             (np.round(np.asarray(s.cell, dtype=np.float64), decimals) + 0.0).tobytes()
             if np.any(s.pbc) else b"",
-        ))
-        first = seen.setdefault(key, s)
-        if first is not s:
-            other = (f"frame {first.frame}" if first.source == s.source
-                     else f"{first.source or '<memory>'}, frame {first.frame}")
-            raise DataError(f"{s.where()}: field 'positions' duplicates {other} (same atoms at "
-                            "the same positions); remove the copy or set "
-                            "data.allow_duplicates: true")
+        )), digest_size=16).digest()
+        first = self.seen.get(key)
+        if first is None:
+            self.seen[key] = (s.source, s.frame)
+            return
+        source, frame = first
+        other = (f"frame {frame}" if source == s.source
+                 else f"{source or '<memory>'}, frame {frame}")
+        raise DataError(f"{s.where()}: field 'positions' duplicates {other} (same atoms at "
+                        f"the same positions); remove the copy or {self.advice}")
+
+
+def without_energies(structures: Sequence[Structure]) -> Sequence[Structure]:
+    """`structures` with their energies dropped (forces-only use): a list is changed in place
+    and returned; a lazy on-disk sequence gives a view that reads no energies."""
+    if getattr(structures, "lazy", False):
+        return structures.without_energies()
+    for s in structures:
+        s.energy = None
+    return structures
 
 
 def check_elements(structures: Sequence[Structure], elements: Sequence[int],
@@ -470,6 +634,11 @@ def check_elements(structures: Sequence[Structure], elements: Sequence[int],
     """Raise DataError if a structure holds an element the model (described by `model` in the
     message) was not trained on."""
     known = set(int(z) for z in elements)
+    from .ondisk import OnDiskStructures
+
+    if isinstance(structures, OnDiskStructures):  # from the stored composition, no frame read
+        k = structures.first_outside(known)
+        structures = [] if k is None else [structures[k]]
     for s in structures:
         unknown = sorted(set(int(z) for z in s.numbers) - known)
         if unknown:

@@ -17,14 +17,17 @@ def check_split(fractions: Sequence[float], name: str = "split fractions") -> No
 
 
 def split_by_fractions(structures: Sequence[Structure], fractions: Sequence[float], seed: int = 0):
-    """Shuffle with `seed` and cut into len(fractions) parts (fractions sum to <= 1)."""
+    """Shuffle with `seed` and cut into len(fractions) parts (fractions sum to <= 1). The parts
+    of a lazy on-disk sequence are lazy views of it (the same frames as for a list)."""
     check_split(fractions)
     n = len(structures)
     perm = np.random.default_rng(seed).permutation(n)
     counts = [int(round(f * n)) for f in fractions]
+    subset = getattr(structures, "subset", None) if getattr(structures, "lazy", False) else None
     out, start = [], 0
     for c in counts:
-        out.append([structures[k] for k in perm[start:start + c]])
+        part = perm[start:start + c]
+        out.append(subset(part) if subset is not None else [structures[k] for k in part])
         start += c
     return out
 
@@ -35,6 +38,10 @@ def fit_reference_energies(structures: Sequence[Structure], elements: Sequence[i
     When the composition does not vary (one molecule), the system is rank-deficient and the minimum
     norm solution is returned: it still removes the mean energy.
     """
+    if getattr(structures, "lazy", False):  # on disk: the stored per-frame composition
+        counts = structures.composition(elements)
+        energies = structures.energies()
+        return fit_reference_energies_from_counts(counts, energies)
     index = {int(z): k for k, z in enumerate(elements)}
     counts = np.zeros((len(structures), len(elements)))
     energies = np.zeros(len(structures))
@@ -42,7 +49,14 @@ def fit_reference_energies(structures: Sequence[Structure], elements: Sequence[i
         for z in s.numbers:
             counts[r, index[int(z)]] += 1
         energies[r] = s.energy
-    sol, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    return fit_reference_energies_from_counts(counts, energies)
+
+
+def fit_reference_energies_from_counts(counts: np.ndarray, energies: np.ndarray) -> np.ndarray:
+    """The least-squares E0 (eV, shape (Z,)) of energies (B,) eV ~ counts (B, Z) @ E0, counts
+    being the atoms of each element per structure (minimum norm when rank-deficient)."""
+    sol, *_ = np.linalg.lstsq(np.asarray(counts, dtype=np.float64),
+                              np.asarray(energies, dtype=np.float64), rcond=None)
     return sol
 
 

@@ -69,6 +69,13 @@ class E2IPHead(Head):
             last.weight.mul_(0.1)
             last.bias.zero_()
         self.s_ref = 2.0 * math.log(self.force_scale)
+        # the damper bounds |B|_F = |c2'| <= cmax2 (T is an isometry), which fixes expm's squaring
+        # count: no host sync in the hot path, a static graph for torch.compile
+        self.expm_norm_bound = hparams.cmax2 if hparams.damping else None
+
+    def expm(self, a_mat: torch.Tensor) -> torch.Tensor:
+        """expm of the head's A (or -A), (N, 3, 3)."""
+        return expm_symmetric(a_mat, max_norm=self.expm_norm_bound)
 
     def forward(self, features: BackboneOutput) -> dict[str, torch.Tensor]:
         hp = self.hparams
@@ -98,19 +105,19 @@ class E2IPHead(Head):
         error = forces_ref - forces
         a_mat, kappa, nu = params["A"], params["kappa"], params["nu"]
         trace_a = a_mat.diagonal(dim1=-2, dim2=-1).sum(-1)
-        nll = niw_nll(error, trace_a, expm_symmetric(-a_mat), kappa, nu)
+        nll = niw_nll(error, trace_a, self.expm(-a_mat), kappa, nu)
         reg = niw_regularizer(error, kappa, nu, self.force_scale)
         return {"loss": hp.nll_weight * nll + hp.reg_weight * reg, "nll": nll, "reg": reg}
 
     def sigma0(self, params) -> torch.Tensor:
-        return expm_symmetric(params["A"])
+        return self.expm(params["A"])
 
     def predictive(self, params, forces) -> StudentT:
         a_mat, kappa, nu = params["A"], params["kappa"], params["nu"]
         nu_pred = nu - D + 1
         factor = (kappa + 1) * nu / (kappa * nu_pred)
-        scale = factor[:, None, None] * expm_symmetric(a_mat)
-        scale_inv = expm_symmetric(-a_mat) / factor[:, None, None]
+        scale = factor[:, None, None] * self.expm(a_mat)
+        scale_inv = self.expm(-a_mat) / factor[:, None, None]
         logdet = a_mat.diagonal(dim1=-2, dim2=-1).sum(-1) + D * torch.log(factor)
         return StudentT(forces, scale, nu_pred, scale_inv=scale_inv, logdet=logdet)
 

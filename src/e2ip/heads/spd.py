@@ -51,7 +51,13 @@ def damp_norm(c2: torch.Tensor, tau: float, cmax: float, eps: float = 1e-12) -> 
     return torch.where(inside, c2, c2 * linear_tanh(safe, tau, cmax) / safe)
 
 
-def expm_symmetric(a: torch.Tensor, degree: int | None = None, theta: float = 0.5) -> torch.Tensor:
+def squarings_for(norm_bound: float, theta: float = 0.5) -> int:
+    """The number of squarings s with norm_bound / 2^s <= theta."""
+    return max(0, math.ceil(math.log2(norm_bound / theta))) if norm_bound > theta else 0
+
+
+def expm_symmetric(a: torch.Tensor, degree: int | None = None, theta: float = 0.5,
+                   max_norm: float | None = None) -> torch.Tensor:
     """Matrix exponential of a batch of symmetric 3x3 matrices (..., 3, 3).
 
     exp(A) = exp(tr A / 3) * exp(B) with B the traceless part, exp(B) by a Taylor polynomial of
@@ -59,17 +65,22 @@ def expm_symmetric(a: torch.Tensor, degree: int | None = None, theta: float = 0.
     finite and exact (to the series error) everywhere, including A = c I where eigendecomposition
     gradients are NaN. Truncation error < theta^(degree+1)/(degree+1)! relative (~1e-16 in
     float64 with the defaults).
+
+    max_norm: a bound on |B|_F known in advance (the e2IP damper bounds |B|_F = |c2'| by cmax2),
+    which fixes s without looking at the data: no host sync, one static graph for torch.compile.
+    Without it s is read from the largest |B|_F in the batch (one host sync).
     """
     if degree is None:
         degree = 12 if a.dtype == torch.float64 else 8
     eye = torch.eye(3, dtype=a.dtype, device=a.device)
     mean = a.diagonal(dim1=-2, dim2=-1).sum(-1) / 3.0
     b = a - mean[..., None, None] * eye
-    if b.numel():
-        norm = float(torch.linalg.matrix_norm(b.detach()).max())
+    if max_norm is not None:
+        s = squarings_for(max_norm, theta)
+    elif b.numel():
+        s = squarings_for(float(torch.linalg.matrix_norm(b.detach()).max()), theta)
     else:
-        norm = 0.0
-    s = max(0, math.ceil(math.log2(norm / theta))) if norm > theta else 0
+        s = 0
     x = b / (2.0**s)
     p = eye.expand_as(x)
     for k in range(degree, 0, -1):

@@ -35,6 +35,9 @@ class DataConfig:
     energy_unit/length_unit: units in the files (None: eV/Å for xyz, kcal/mol/Å for npz);
     reference_energies: 'fit' (least squares on train), 'zero', or an isolated-atoms file;
     report_units: energy unit of reported metrics ('eV' or 'kcal/mol');
+    batch_size: structures per training step and per process (under DDP the global batch is
+    batch_size x the number of processes); num_workers: DataLoader worker processes per training
+    process (0: load in the training process);
     allow_duplicates: accept structures that occur twice in one data file (same atoms at the same
     positions; by default an error naming both frames, since a copy can land in both the
     training and the test split)."""
@@ -56,6 +59,7 @@ class DataConfig:
     eval_batch_size: int = 32
     report_units: str = "eV"
     allow_duplicates: bool = False
+    num_workers: int = 0
 
 
 @dataclass
@@ -86,11 +90,17 @@ class TrainingConfig:
     init_from: a trained model file (or run folder) to fine-tune: its weights, architecture,
     elements, scales and reference energies are used (the model and head sections are ignored;
     an element it does not know is an error). scheduler_*: ReduceLROnPlateau on the validation
-    loss. accelerator/devices/strategy: passed to the Lightning Trainer (e.g. 'gpu', 2, 'ddp').
+    loss. accelerator/devices/strategy/num_nodes: passed to the Lightning Trainer (e.g. 'gpu', 4,
+    'ddp', 2: four GPUs on each of two nodes; see docs/distributed.md); devices is a count, -1
+    (all), 'auto' or a list of device indices.
     num_threads: torch intra-op threads (None: torch's default). grad_clip: gradient-norm clip.
     max_bad_steps: a step whose loss or gradient is NaN or inf is skipped (the weights are not
     touched) and logged; after this many such steps in a row the run stops with an error naming
-    the batch's structures, keeping its last good checkpoint for --resume."""
+    the batch's structures, keeping its last good checkpoint for --resume.
+    compile: run the model's energy-and-forces path through torch.compile (forces by
+    torch.func.grad inside the compiled function, so the training step's double backward works);
+    the first steps pay the compilation (tens of seconds), see docs/performance.md for when it
+    pays off."""
 
     max_epochs: int = 200
     max_time: float | None = None
@@ -110,11 +120,13 @@ class TrainingConfig:
     accelerator: str = "auto"
     devices: Any = 1
     strategy: str = "auto"
+    num_nodes: int = 1
     num_threads: int | None = None
     progress_bar: bool = True
     tensorboard: bool = False
     init_from: str | None = None
     max_bad_steps: int = 10
+    compile: bool = False
 
 
 @dataclass
@@ -310,6 +322,11 @@ def config_from_dict(raw: dict | None) -> Config:
         raise ConfigError(f"'training.ema_decay' must be in (0, 1) or null, got {t.ema_decay}")
     if t.max_epochs < 1:
         raise ConfigError(f"'training.max_epochs' must be >= 1, got {t.max_epochs}")
+    if t.num_nodes < 1:
+        raise ConfigError(f"'training.num_nodes' must be >= 1, got {t.num_nodes}")
+    _check_devices(t.devices)
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
     if t.max_bad_steps < 1:
         raise ConfigError(f"'training.max_bad_steps' must be >= 1, got {t.max_bad_steps}")
     if t.init_from is not None and not Path(t.init_from).exists():
@@ -331,6 +348,28 @@ def config_from_dict(raw: dict | None) -> Config:
     if cfg.data.reference_energies not in ("fit", "zero"):
         _check_file("data.reference_energies", cfg.data.reference_energies)
     return cfg
+
+
+def _check_devices(devices: Any) -> None:
+    """A ConfigError unless `devices` is what the Lightning Trainer takes: a count >= 1, -1 (all),
+    'auto', a list of device indices, or such a list as text ('0,1')."""
+    def index(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        ok = devices >= 1 or devices == -1
+    elif isinstance(devices, str):
+        text = devices.strip()
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        ok = (text in ("auto", "-1") or (text.isdigit() and int(text) >= 1)
+              or ("," in text and bool(parts) and all(p.isdigit() for p in parts)))
+    elif isinstance(devices, list):
+        ok = bool(devices) and all(index(v) for v in devices)
+    else:
+        ok = False
+    if not ok:
+        raise ConfigError(f"'training.devices' must be a number of devices (>= 1, or -1 for all), "
+                          f"'auto' or a list of device indices, got {_short(devices)}")
 
 
 def _check_file(key: str, path: str) -> None:

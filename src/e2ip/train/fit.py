@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -10,21 +11,27 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 
 from ..data.graph import GraphDataset
 from ..ensemble import Ensemble
+from ..errors import first_line
 from ..model import PotentialModel
 from ..potential import portable_state_dict, read_model_payload
 from .callbacks import EpochCSVLogger, WarmupEMA
-from .config import Config, ConfigError
+from .config import Config, ConfigError, TrainingConfig
 from .datasets import PreparedData, prepare_data
 from .module import PotentialModule
+from .ranks import is_global_zero
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose files are written to a temporary name and renamed into place, so a
-    crash never leaves a truncated checkpoint behind."""
+    crash never leaves a truncated checkpoint behind.
+
+    Every rank calls `trainer.save_checkpoint` (it gathers the state and ends in a barrier), but
+    only global rank 0 writes the file, so only rank 0 has a temporary file to rename."""
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         tmp = f"{filepath}.tmp"
@@ -89,7 +96,10 @@ def train_model(cfg: Config, out_dir: str | Path, *, data: PreparedData | None =
                 extra_callbacks: list[Callback] | None = None,
                 base: PotentialModel | None = None) -> PotentialModel:
     """Train one model into `out_dir` (checkpoints/, metrics.csv); return the best model (its
-    weight average when `training.ema_decay` is set). `base`: start from its weights."""
+    weight average when `training.ema_decay` is set). `base`: start from its weights.
+
+    Under DDP every process calls this; only global rank 0 writes (checkpoints, metrics.csv) and
+    returns the best model; the other ranks return their final weights, which are not saved."""
     out_dir = Path(out_dir)
     t = cfg.training
     ckpt_dir = out_dir / "checkpoints"
@@ -99,8 +109,10 @@ def train_model(cfg: Config, out_dir: str | Path, *, data: PreparedData | None =
     if not resume and last.exists():
         raise ConfigError(f"{out_dir} already holds a run; use --resume to continue it or "
                           f"choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ckpt_dir.glob("*.tmp") if resume else ():
+    rank_zero = is_global_zero()
+    if rank_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_dir.glob("*.tmp") if resume and rank_zero else ():
         stale.unlink()  # a checkpoint write torn by a crash; the real file is the previous one
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -114,9 +126,12 @@ def train_model(cfg: Config, out_dir: str | Path, *, data: PreparedData | None =
                              cfg.model.dtype, initial_state=initial_state)
     train_set = GraphDataset(data.train, module.model.cutoff)
     val_set = GraphDataset(data.validation, module.model.cutoff)
+    # under DDP Lightning replaces the samplers by DistributedSamplers (shuffled with the seed
+    # set above for training): each rank then sees its own share of every epoch
+    workers = cfg.data.num_workers
     train_loader = train_set.loader(cfg.data.batch_size, shuffle=True, dtype=dtype,
-                                    seed=t.seed + member)
-    val_loader = val_set.loader(cfg.data.eval_batch_size, dtype=dtype)
+                                    seed=t.seed + member, num_workers=workers)
+    val_loader = val_set.loader(cfg.data.eval_batch_size, dtype=dtype, num_workers=workers)
     best = AtomicModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss",
                                  mode="min", save_last=False, save_top_k=1,
                                  enable_version_counter=False, save_on_train_epoch_end=True)
@@ -140,10 +155,9 @@ def train_model(cfg: Config, out_dir: str | Path, *, data: PreparedData | None =
             raise ConfigError("'training.tensorboard' needs the tensorboard package "
                               "(pip install tensorboard)") from None
         loggers.append(TensorBoardLogger(out_dir, name="tensorboard", version=""))
-    trainer = L.Trainer(
-        max_epochs=t.max_epochs,
+    trainer = make_trainer(
+        t, max_epochs=t.max_epochs,
         max_time={"minutes": t.max_time} if t.max_time else None,
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
         gradient_clip_val=t.grad_clip, callbacks=callbacks, logger=loggers or False,
         enable_progress_bar=t.progress_bar, inference_mode=False, enable_model_summary=False,
         log_every_n_steps=max(1, min(50, len(train_loader))), num_sanity_val_steps=0,
@@ -153,6 +167,8 @@ def train_model(cfg: Config, out_dir: str | Path, *, data: PreparedData | None =
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*GPU available but not used.*")
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
+    if not trainer.is_global_zero:  # only rank 0 is sure to see the checkpoint files
+        return module.model.cpu().eval()
     best_path = Path(best.best_model_path) if best.best_model_path else last
     state = torch.load(best_path, map_location="cpu", weights_only=True)
     # the checkpoint's state_dict holds the averaged weights (WarmupEMA puts them there)
@@ -161,3 +177,35 @@ def train_model(cfg: Config, out_dir: str | Path, *, data: PreparedData | None =
     model.metadata["epochs"] = int(state.get("epoch", 0)) + 1
     model.metadata["trained_epochs"] = int(trainer.current_epoch)
     return model
+
+
+def make_trainer(t: TrainingConfig, **kwargs: Any) -> L.Trainer:
+    """An L.Trainer on `training.accelerator/devices/strategy/num_nodes`; a setting Lightning
+    refuses (an unknown strategy, a GPU this machine lacks, devices x num_nodes other than the
+    processes torchrun or srun started) is a one-line ConfigError, here rather than in fit."""
+    try:
+        trainer = L.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+                            num_nodes=t.num_nodes, **kwargs)
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        if environment is not None:  # what the launcher checks when fit starts
+            environment.validate_settings(num_devices=trainer.num_devices,
+                                          num_nodes=trainer.num_nodes)
+        return trainer
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError) as exc:
+        raise ConfigError(f"training.accelerator={t.accelerator!r}, devices={t.devices!r}, "
+                          f"strategy={t.strategy!r}, num_nodes={t.num_nodes}: "
+                          f"{first_line(exc)}") from None
+
+
+def check_trainer_settings(t: TrainingConfig) -> None:
+    """Build (and drop) a Trainer on `t`'s accelerator/devices/strategy/num_nodes, so that a
+    setting Lightning refuses is a ConfigError before anything of the run is written."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)  # the device summary is logged by the real Trainer
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_trainer(t, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    finally:
+        logging.disable(previous)

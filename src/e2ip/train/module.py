@@ -26,6 +26,8 @@ class PotentialModule(L.LightningModule):
         if initial_state is not None:  # fine-tuning: start from a trained model's weights
             self.model.load_state_dict(initial_state)
         self.training_options = training
+        if training.get("compile"):
+            self.model.enable_compile()
         self._bad_steps = 0  # consecutive skipped steps
         self._step: dict = {}  # the current training step's loss, logs and structures
 
@@ -66,17 +68,25 @@ class PotentialModule(L.LightningModule):
 
         The skip is decided on the gradient norm alone: under DDP gradients are all-reduced
         before this hook, so every rank takes the same decision (a rank's NaN loss makes every
-        rank's gradient NaN). One host sync per step."""
+        rank's gradient NaN). One host sync per step.
+
+        Logging is DDP-safe: the epoch metrics are averaged over all ranks (`sync_dist`), and
+        every rank logs the same keys at the same steps (a kept step's, decided on the shared
+        gradient), since the epoch-end reduction pairs the ranks' metrics in the order they
+        were first logged."""
         step = self._step
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else step["loss"].new_zeros(())
         grad_ok, loss_ok = torch.stack([torch.isfinite(grad_norm),
                                         torch.isfinite(step["loss"])]).tolist()
-        if loss_ok:
+        if grad_ok:  # a non-finite loss with a finite gradient (barely possible) logs as NaN
             self.log_dict({f"train_{k}": v for k, v in step["logs"].items()}, on_step=False,
-                          on_epoch=True, batch_size=step["batch_size"], prog_bar=False)
-        self.log("train_skipped_steps", float(not grad_ok), on_step=False, on_epoch=True,
-                 reduce_fx="sum", batch_size=1)
+                          on_epoch=True, batch_size=step["batch_size"], prog_bar=False,
+                          sync_dist=True)
+        # summed over the ranks: counted on rank 0 alone, since every rank skips the same steps
+        skipped = float(not grad_ok) if self.global_rank == 0 else 0.0
+        self.log("train_skipped_steps", skipped, on_step=False, on_epoch=True,
+                 reduce_fx="sum", batch_size=1, sync_dist=True)
         if grad_ok:
             self._bad_steps = 0
             return
@@ -100,8 +110,10 @@ class PotentialModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         _, logs = self.compute_loss(self.model, batch, create_graph=False)
         for k, v in logs.items():
+            # averaged over every rank's share of the validation set (sync_dist): checkpoints,
+            # early stopping and the scheduler then follow the same val_loss on every rank
             self.log(f"val_{k}", v, on_step=False, on_epoch=True, batch_size=batch.num_graphs,
-                     prog_bar=k in ("loss", "force_mae"))
+                     prog_bar=k in ("loss", "force_mae"), sync_dist=True)
 
     def configure_optimizers(self):
         opts = self.training_options

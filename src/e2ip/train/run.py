@@ -14,13 +14,17 @@ from ..ensemble import Ensemble
 from .config import Config, ConfigError, config_diff, dump_config, flat_config, load_config
 from .datasets import prepare_data
 from .ensemble import train_ensemble
-from .fit import load_base_model, train_model
+from .fit import check_trainer_settings, load_base_model, train_model
+from .ranks import is_global_zero
 
 log = logging.getLogger("e2ip")
 
 
 #: keys that may differ on --resume without --force: they change neither the model nor the data
-RESUME_FREE_KEYS = ("training.progress_bar", "training.num_threads")
+#: nor the optimisation. Not the devices, nodes or strategy: a different number of processes
+#: changes the global batch (data.batch_size per process) and so the steps of every epoch.
+RESUME_FREE_KEYS = ("training.progress_bar", "training.num_threads", "data.num_workers",
+                    "training.compile")
 
 
 def check_resume_config(cfg: Config, out_dir: Path, force: bool) -> None:
@@ -38,18 +42,17 @@ def check_resume_config(cfg: Config, out_dir: Path, force: bool) -> None:
                           "values, or drop the changes")
 
 
-def run_training(cfg: Config, out_dir: str | Path, resume: bool = False, force: bool = False,
-                 extra_callbacks: list[Callback] | None = None) -> dict[str, Any]:
-    """The whole `e2ip train` job: train (one model or an ensemble), save `model.pt`, evaluate
-    on the test set (`metrics.json`, plots) and return the metrics.
+def check_run_folder(cfg: Config, out_dir: Path, resume: bool, force: bool,
+                     rank_zero: bool = True) -> None:
+    """Refuse a folder that already holds a run (without `resume`), one that holds none (with
+    it), and a resume with a changed configuration (without `force`).
 
-    Nothing in `out_dir` is written before the run is accepted: a folder that already holds a
-    run needs `resume`, and resuming with a changed configuration needs `force`."""
-    from ..evaluation import evaluate_and_report, write_metrics_json
-
-    out_dir = Path(out_dir)
-    holds_run = (out_dir / "config.yaml").exists() or (out_dir / "checkpoints").exists() or any(
-        out_dir.glob("member_*/checkpoints"))
+    Under DDP rank 0 writes config.yaml before the other ranks may look (Lightning's launcher
+    starts them when training begins), so they ignore it when not resuming: checkpoints, which
+    no rank can write before every rank has joined, tell them alone that a run is there."""
+    checkpoints = (out_dir / "checkpoints").exists() or any(out_dir.glob("member_*/checkpoints"))
+    config = (out_dir / "config.yaml").exists() and (rank_zero or resume)
+    holds_run = config or checkpoints
     if not resume and holds_run:
         raise ConfigError(f"{out_dir} already holds a run; use --resume to continue it or "
                           "choose another --out")
@@ -57,15 +60,35 @@ def run_training(cfg: Config, out_dir: str | Path, resume: bool = False, force: 
         raise ConfigError(f"--resume: {out_dir} holds no run to resume")
     if resume:
         check_resume_config(cfg, out_dir, force)
+
+
+def run_training(cfg: Config, out_dir: str | Path, resume: bool = False, force: bool = False,
+                 extra_callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    """The whole `e2ip train` job: train (one model or an ensemble), save `model.pt`, evaluate
+    on the test set (`metrics.json`, plots) and return the metrics.
+
+    Nothing in `out_dir` is written before the run is accepted: a folder that already holds a
+    run needs `resume`, and resuming with a changed configuration needs `force`.
+
+    Under DDP every process runs this job and trains; only global rank 0 writes (config.yaml,
+    checkpoints, metrics.csv, model.pt, metrics.json, plots) and calibrates and evaluates. The
+    other ranks return an empty dict once training is over."""
+    from ..evaluation import evaluate_and_report, write_metrics_json
+
+    out_dir = Path(out_dir)
+    rank_zero = is_global_zero()
+    check_run_folder(cfg, out_dir, resume, force, rank_zero)
+    check_trainer_settings(cfg.training)
     base = load_base_model(cfg)
     data = prepare_data(cfg.data, base.members[0] if isinstance(base, Ensemble) else base)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if resume and force and (out_dir / "config.yaml").exists():
-        os.replace(out_dir / "config.yaml", out_dir / "config.previous.yaml")
-    dump_config(cfg, out_dir / "config.yaml")
-    log.info("data: %d train, %d validation, %d test structures; elements %s",
-             len(data.train), len(data.validation), len(data.test), data.elements)
-    if base is not None:
+    if rank_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume and force and (out_dir / "config.yaml").exists():
+            os.replace(out_dir / "config.yaml", out_dir / "config.previous.yaml")
+        dump_config(cfg, out_dir / "config.yaml")
+        log.info("data: %d train, %d validation, %d test structures; elements %s",
+                 len(data.train), len(data.validation), len(data.test), data.elements)
+    if base is not None and rank_zero:
         log.info("fine-tuning from %s: its architecture, elements, scales and reference energies "
                  "are used (the config's model and head sections are ignored)",
                  cfg.training.init_from)
@@ -74,6 +97,8 @@ def run_training(cfg: Config, out_dir: str | Path, resume: bool = False, force: 
     else:
         model = train_model(cfg, out_dir, data=data, resume=resume,
                             extra_callbacks=extra_callbacks, base=base)
+    if not is_global_zero():  # the process group now exists: its rank decides
+        return {}
     if cfg.training.recalibrate and model.has_uncertainty:
         value = model.calibrate(data.validation, batch_size=cfg.data.eval_batch_size)
         log.info("calibration (%s) fitted on the validation set: %.4g",
