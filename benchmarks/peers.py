@@ -22,8 +22,8 @@ Models (both built directly from the peer's public Python API, no training run):
   for H, O (93,520 for H, C, O).
 
 Our default model (PaiNN, 64 features, 3 layers, + the e2IP head, cutoff 5 Å, float32) has
-156,940 parameters for H, O (157,004 for H, C, O): between the two peers (0.5x MACE, 2.7x
-NequIP). All three are each code's default/small size with the same cutoff and precision and
+156,940 parameters for H, O (157,004 for H, C, O): between the two peers (1.9x MACE's count,
+0.38x NequIP's). All three are each code's default/small size with the same cutoff and precision and
 2-4 message-passing layers, i.e. what a user of each code gets without tuning for speed.
 Weights are untrained but seeded (cost does not depend on them). `n_params` is in each output.
 

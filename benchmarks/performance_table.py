@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 SYSTEM_ORDER = ("aspirin", "water1", "water2", "water4", "water8")
-PEER_SYSTEMS = {"water:1": "water1", "water:2": "water2", "water:4": "water4"}
+PEER_SYSTEMS = {"aspirin:32": "aspirin", "water:1": "water1", "water:2": "water2",
+                "water:4": "water4"}
 
 
 def rows_of(results: dict, kind: str) -> list[dict]:
@@ -80,6 +81,14 @@ def main() -> None:
     print("### Inference, ms per atom (energy + forces; + every covariance for the heads)\n")
     table, ratios = inference_table(results)
     print(table)
+    print("\n### Head overhead and ensemble cost, timed in turn in one process (PaiNN, "
+          "float32)\n")
+    print(simple_table(rows_of(results, "ratios"),
+                       [("atoms", "atoms"), ("bare_ms_per_atom", "bare ms/atom"),
+                        ("e2ip_ms_per_atom", "e2IP ms/atom"),
+                        ("ensemble5_ms_per_atom", "ensemble x5 ms/atom"),
+                        ("head_ratio", "e2IP / bare"), ("ensemble_ratio", "ensemble / e2IP")],
+                       ["system"]))
     print("\n### Training step (e2IP, float32: forward, double backward, AdamW), graph "
           "building\n")
     print(simple_table(rows_of(results, "training"), [("atoms", "atoms"),

@@ -87,6 +87,9 @@ def plan(name: str) -> list[dict]:
             add("graph_share", backbone=backbone, dtype="float32", system=system)
     for dtype in ("float32", "float64"):
         add("expm", dtype=dtype, n=100_000)
+    for system in ("aspirin", "water2") + (("water4",) if name != "quick" else ()):
+        add("ratios", backbone="painn", dtype="float32", system=system,
+            variants=["bare", "e2ip"] + (["ensemble5"] if system != "water4" else []))
     add("calculator", system="aspirin1")
     add("calculator", system="water1")
     add("calculator", system="water2")
@@ -110,10 +113,13 @@ def structures(system: str):
     if system.startswith("aspirin"):
         batch = int(system[len("aspirin"):] or 32)
         return read_structures(ASPIRIN, index=f":{batch}")
+    import numpy as np
     from ase.io import read
 
     rep = int(system[len("water"):])
-    return [Structure.from_atoms(read(WATER, index=0).repeat((rep, rep, rep)))]
+    box = read(WATER, index=0).repeat((rep, rep, rep))
+    # zero labels: a training step's cost does not depend on them
+    return [Structure.from_atoms(box, energy=0.0, forces=np.zeros((len(box), 3)))]
 
 
 def elements(system: str) -> list[int]:
@@ -160,6 +166,19 @@ def timed(fn, device, budget: float, warmup: int = 2, min_repeats: int = 3,
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), len(times)
+
+
+def eager_then_compiled(fn, model, device, budget: float) -> tuple[float, float, dict]:
+    """Median seconds of `fn` eager, then after `model.enable_compile()` (the first compiled
+    call, which compiles, is timed apart)."""
+    eager, _ = timed(fn, device, budget)
+    model.enable_compile()
+    t0 = time.perf_counter()
+    fn()
+    compile_seconds = time.perf_counter() - t0
+    compiled, reps = timed(fn, device, budget)
+    return eager, compiled, {"compile_seconds": compile_seconds, "speedup": eager / compiled,
+                             "repeats": reps}
 
 
 def rss_mb() -> float:
@@ -226,14 +245,8 @@ def run_case(case: dict, device_name: str, threads: int, budget: float) -> dict:
         n_atoms = int(graph.n_atoms.sum())
         row["atoms"] = n_atoms
         if kind == "compile_training":
-            eager, _ = timed(step, device, budget)
-            model.enable_compile()
-            t0 = time.perf_counter()
-            step()
-            row["compile_seconds"] = time.perf_counter() - t0
-            compiled, reps = timed(step, device, budget)
-            row.update(eager_ms=1e3 * eager, compiled_ms=1e3 * compiled,
-                       speedup=eager / compiled, repeats=reps)
+            eager, compiled, extra = eager_then_compiled(step, model, device, budget)
+            row.update(eager_ms=1e3 * eager, compiled_ms=1e3 * compiled, **extra)
         else:
             seconds, reps = timed(step, device, budget)
             row.update(seconds=seconds, repeats=reps, ms_per_atom=1e3 * seconds / n_atoms)
@@ -251,6 +264,47 @@ def run_case(case: dict, device_name: str, threads: int, budget: float) -> dict:
                            share_built_in_loader=neighbors / (neighbors + seconds),
                            share_precomputed=collate_only / (collate_only + seconds))
 
+    elif kind == "ratios":
+        # the head-overhead and ensemble ratios from one process, the variants timed in turn
+        # (bare, e2ip, ensemble, bare, ...): separate processes differ by ~10 % among themselves
+        structs = structures(case["system"])
+        graph = graph_from_structures(structs, 5.0, dtype).to(device)
+        models = {v: build(v, case["backbone"], case["system"], dtype, device)
+                  for v in case["variants"]}
+
+        def caller(variant):
+            model = models[variant]
+
+            def call():
+                out = model(graph, create_graph=False)
+                if variant != "bare":
+                    model.covariances(out["params"], out["forces"])
+            return call
+
+        calls = {v: caller(v) for v in models}
+        n_atoms = int(graph.n_atoms.sum())
+        for fn in calls.values():
+            fn()
+        times: dict[str, list[float]] = {v: [] for v in calls}
+        rounds = 3 if n_atoms > 5000 else 7
+        t_end = time.perf_counter() + budget
+        while len(times["bare"]) < rounds or (time.perf_counter() < t_end
+                                             and len(times["bare"]) < 30):
+            for v, fn in calls.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[v].append(time.perf_counter() - t0)
+        ms = {v: 1e3 * statistics.median(t) / n_atoms for v, t in times.items()}
+        row.update(atoms=n_atoms, rounds=len(times["bare"]),
+                   **{f"{v}_ms_per_atom": m for v, m in ms.items()},
+                   head_ratio=ms["e2ip"] / ms["bare"])
+        if "ensemble5" in ms:
+            row["ensemble_ratio"] = ms["ensemble5"] / ms["e2ip"]
+
     elif kind == "compile_inference":
         structs = structures(case["system"])
         graph = graph_from_structures(structs, 5.0, dtype).to(device)
@@ -260,16 +314,10 @@ def run_case(case: dict, device_name: str, threads: int, budget: float) -> dict:
             out = model(graph, create_graph=False)
             model.covariances(out["params"], out["forces"])
 
-        eager, _ = timed(call, device, budget)
-        model.enable_compile()
-        t0 = time.perf_counter()
-        call()
-        row["compile_seconds"] = time.perf_counter() - t0
-        compiled, reps = timed(call, device, budget)
+        eager, compiled, extra = eager_then_compiled(call, model, device, budget)
         n_atoms = int(graph.n_atoms.sum())
         row.update(atoms=n_atoms, eager_ms_per_atom=1e3 * eager / n_atoms,
-                   compiled_ms_per_atom=1e3 * compiled / n_atoms, speedup=eager / compiled,
-                   repeats=reps)
+                   compiled_ms_per_atom=1e3 * compiled / n_atoms, **extra)
 
     elif kind == "expm":
         from e2ip.heads.spd import expm_symmetric
@@ -391,7 +439,8 @@ def main() -> None:
     out = args.out or ROOT / "benchmarks" / "results" / f"{machine_name(args.device)}.json"
     results = {"meta": meta(args), "rows": []}
     if out.exists() and not args.fresh:
-        results["rows"] = json.loads(out.read_text())["rows"]
+        # failed cases are tried again
+        results["rows"] = [r for r in json.loads(out.read_text())["rows"] if "error" not in r]
     done = {case_key(r["case"]) for r in results["rows"]}
     cases = [c for c in plan(args.plan) if not args.only or c["kind"] == args.only]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}

@@ -59,16 +59,18 @@ def _unit_checker(kind: str):
     return check
 
 
-def _add_read_options(p: argparse.ArgumentParser) -> None:
+def _add_read_options(p: argparse.ArgumentParser, batch_size: bool = True) -> None:
+    """Keys, units and frames of the data files (and the evaluation batch size)."""
     p.add_argument("--energy-unit", type=_unit_checker("energy"), default=None,
-                   help="energy unit in the file (default: eV for xyz, kcal/mol for npz)")
+                   help="energy unit in the file(s) (default: eV for xyz, kcal/mol for npz)")
     p.add_argument("--length-unit", type=_unit_checker("length"), default=None,
-                   help="length unit in the file (default Å)")
+                   help="length unit in the file(s) (default Å)")
     p.add_argument("--energy-key", default="energy",
                    help="extxyz info key of the energy ('none': the data has forces only)")
     p.add_argument("--forces-key", default="forces", help="extxyz array key of the forces")
-    p.add_argument("--index", default=":", help="frames to use, e.g. ':100' or '::10'")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--index", default=":", help="frames of each file, e.g. ':100' or '::10'")
+    if batch_size:
+        p.add_argument("--batch-size", type=_positive_int, default=32)
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -197,14 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="data files (extxyz or anything ASE reads, npz, or .h5)")
     q.add_argument("--out", required=True, help="the HDF5 file to write (.h5 or .hdf5)")
-    q.add_argument("--energy-unit", type=_unit_checker("energy"), default=None,
-                   help="energy unit in the inputs (default: eV for xyz, kcal/mol for npz)")
-    q.add_argument("--length-unit", type=_unit_checker("length"), default=None,
-                   help="length unit in the inputs (default Å)")
-    q.add_argument("--energy-key", default="energy",
-                   help="extxyz info key of the energy ('none': the data has forces only)")
-    q.add_argument("--forces-key", default="forces", help="extxyz array key of the forces")
-    q.add_argument("--index", default=":", help="frames of each input, e.g. ':100' or '::10'")
+    _add_read_options(q, batch_size=False)
     q.add_argument("--allow-duplicates", action="store_true",
                    help="keep frames that repeat an earlier one (default: an error naming both)")
     q.add_argument("--overwrite", action="store_true",

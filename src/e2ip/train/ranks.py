@@ -19,6 +19,9 @@ def is_global_zero() -> bool:
     Lightning's launcher in the processes it starts), then `SLURM_PROCID` (srun; read after
     `LOCAL_RANK` because an interactive SLURM shell sets it to 0 in every process started from
     it), then `NODE_RANK` alone (Lightning started by hand on each node)."""
+    # Why not Lightning's `rank_zero_only.rank` (its `_get_rank`): before the process group
+    # exists it reads LOCAL_RANK alone, so local rank 0 of every node would count as global
+    # rank 0 and write the run's files.
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     env = os.environ
