@@ -168,6 +168,41 @@ def timed(fn, device, budget: float, warmup: int = 2, min_repeats: int = 3,
     return statistics.median(times), len(times)
 
 
+def variant_call(model, graph, variant: str):
+    """One inference call of a variant: energy and forces, and every covariance unless bare."""
+    def call():
+        out = model(graph, create_graph=False)
+        if variant != "bare":
+            model.covariances(out["params"], out["forces"])
+    return call
+
+
+def timed_in_turn(calls: dict, device, budget: float, warmup: int, least: int,
+                  most: int) -> dict[str, list[float]]:
+    """Seconds of each call, the calls timed in turn (a, b, c, a, b, ...) so that machine load
+    affects them alike: `warmup` rounds, then at least `least` rounds, more until `budget`
+    seconds (at most `most`)."""
+    import torch
+
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    t_end = time.perf_counter() + budget
+    rounds = 0
+    while rounds < least or (time.perf_counter() < t_end and rounds < most):
+        for name, fn in calls.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return times
+
+
 def eager_then_compiled(fn, model, device, budget: float) -> tuple[float, float, dict]:
     """Median seconds of `fn` eager, then after `model.enable_compile()` (the first compiled
     call, which compiles, is timed apart)."""
@@ -213,11 +248,7 @@ def run_case(case: dict, device_name: str, threads: int, budget: float) -> dict:
         n_atoms = int(graph.n_atoms.sum())
         big, large = n_atoms > 50_000, n_atoms > 5_000
 
-        def call():
-            out = model(graph, create_graph=False)
-            if case["variant"] != "bare":
-                model.covariances(out["params"], out["forces"])
-
+        call = variant_call(model, graph, case["variant"])
         base_rss = rss_mb()
         seconds, reps = timed(call, device, budget, warmup=0 if big else 1 if large else 2,
                               min_repeats=1 if big else 2 if large else 3)
@@ -271,33 +302,10 @@ def run_case(case: dict, device_name: str, threads: int, budget: float) -> dict:
         graph = graph_from_structures(structs, 5.0, dtype).to(device)
         models = {v: build(v, case["backbone"], case["system"], dtype, device)
                   for v in case["variants"]}
-
-        def caller(variant):
-            model = models[variant]
-
-            def call():
-                out = model(graph, create_graph=False)
-                if variant != "bare":
-                    model.covariances(out["params"], out["forces"])
-            return call
-
-        calls = {v: caller(v) for v in models}
+        calls = {v: variant_call(models[v], graph, v) for v in models}
         n_atoms = int(graph.n_atoms.sum())
-        for fn in calls.values():
-            fn()
-        times: dict[str, list[float]] = {v: [] for v in calls}
-        rounds = 3 if n_atoms > 5000 else 7
-        t_end = time.perf_counter() + budget
-        while len(times["bare"]) < rounds or (time.perf_counter() < t_end
-                                             and len(times["bare"]) < 30):
-            for v, fn in calls.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times[v].append(time.perf_counter() - t0)
+        times = timed_in_turn(calls, device, budget, warmup=1,
+                              least=3 if n_atoms > 5000 else 7, most=30)
         ms = {v: 1e3 * statistics.median(t) / n_atoms for v, t in times.items()}
         row.update(atoms=n_atoms, rounds=len(times["bare"]),
                    **{f"{v}_ms_per_atom": m for v, m in ms.items()},
@@ -309,11 +317,7 @@ def run_case(case: dict, device_name: str, threads: int, budget: float) -> dict:
         structs = structures(case["system"])
         graph = graph_from_structures(structs, 5.0, dtype).to(device)
         model = build("e2ip", case["backbone"], case["system"], dtype, device)
-
-        def call():
-            out = model(graph, create_graph=False)
-            model.covariances(out["params"], out["forces"])
-
+        call = variant_call(model, graph, "e2ip")
         eager, compiled, extra = eager_then_compiled(call, model, device, budget)
         n_atoms = int(graph.n_atoms.sum())
         row.update(atoms=n_atoms, eager_ms_per_atom=1e3 * eager / n_atoms,
@@ -360,17 +364,10 @@ def run_case(case: dict, device_name: str, threads: int, budget: float) -> dict:
             atoms.positions = start + rng.normal(scale=0.005, size=start.shape)
             calc.calculate(atoms, ["energy", "forces"], ["positions"])
 
-        # interleaved, so that machine load affects both alike
-        for _ in range(5 if len(atoms) < 1000 else 1):
-            bare(), call()
-        t_bare, t_calc = [], []
-        t_end = time.perf_counter() + budget
-        least = 20 if len(atoms) < 1000 else 5
-        while len(t_bare) < least or (time.perf_counter() < t_end and len(t_bare) < 300):
-            for fn, times in ((bare, t_bare), (call, t_calc)):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
+        small = len(atoms) < 1000
+        times = timed_in_turn({"bare": bare, "calculator": call}, device, budget,
+                              warmup=5 if small else 1, least=20 if small else 5, most=300)
+        t_bare, t_calc = times["bare"], times["calculator"]
         b, c = statistics.median(t_bare), statistics.median(t_calc)
         row.update(atoms=len(atoms), bare_ms=1e3 * b, calculator_ms=1e3 * c, ratio=c / b,
                    repeats=len(t_bare))

@@ -38,6 +38,9 @@ def test_compiled_training_step_matches_eager():
     torch.manual_seed(0)
     model = PotentialModel(elements=[1, 8], cutoff=4.0, head="e2ip",
                            backbone_options={"num_features": 16, "num_layers": 2}).double().train()
+    with torch.no_grad():  # nonzero E0 and scale, so the compiled energy must apply both
+        model.reference_energies.copy_(torch.tensor([-13.6, -2041.8]))
+    model.energy_scale = 0.7
     ref_out, ref_grads = _loss_and_grads(model, graph)
     model.enable_compile()
     out, grads = _loss_and_grads(model, graph)

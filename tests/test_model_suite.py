@@ -379,3 +379,27 @@ def test_edge_chunking_is_exact_and_saves_memory(backbone):
     assert chunked_bytes < 0.5 * whole_bytes, (chunked_bytes, whole_bytes)
     model.train()  # never while training: the training step's double backward needs the graph
     assert model.backbone.edge_chunk() == 0
+
+
+def test_energy_is_scaled_atomic_energies_plus_reference_energies():
+    """E = energy_scale * sum_i eps_i + sum_i E0[z_i]: shifting E0 by d per element shifts E
+    by the count-weighted sum of d and leaves forces alone; doubling energy_scale doubles
+    E - sum E0 and the forces."""
+    model = copy.deepcopy(get_model("painn", "e2ip"))
+    structures = [MOLECULE, random_molecule(5, seed=7)]
+    base = run(model, structures)
+    shift = torch.tensor([0.5, -3.0, 11.0], dtype=torch.float64)
+    with torch.no_grad():
+        model.reference_energies.add_(shift)
+    shifted = run(model, structures)
+    lookup = {z: k for k, z in enumerate(model.elements)}
+    expected = [sum(float(shift[lookup[int(z)]]) for z in s.numbers) for s in structures]
+    np.testing.assert_allclose(shifted["energy"] - base["energy"], expected, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(shifted["forces"], base["forces"], rtol=0, atol=1e-12)
+    e0 = [sum(float(model.reference_energies[lookup[int(z)]]) for z in s.numbers)
+          for s in structures]
+    model.energy_scale *= 2.0
+    doubled = run(model, structures)
+    np.testing.assert_allclose(doubled["energy"] - e0, 2 * (shifted["energy"] - e0), rtol=1e-10,
+                               atol=1e-10)
+    np.testing.assert_allclose(doubled["forces"], 2 * shifted["forces"], rtol=1e-10, atol=1e-12)

@@ -137,8 +137,7 @@ class PotentialModel(Potential):
             graph = AtomicGraph(**{**graph.__dict__, "positions": deformed, "cell": cell})
             features = self.backbone(species, graph.edge_index, graph.edge_vectors(deformed),
                                      graph.batch, graph.num_graphs)
-            atomic = features.atomic_energy * self.energy_scale + self.reference_energies[
-                species].to(dtype)
+            atomic = self._atomic_energies(features, species)
             energy = scatter_sum(atomic, graph.batch, graph.num_graphs)
             params = self.head(features) if bias is not None else None
             if compute_forces:
@@ -176,8 +175,12 @@ class PotentialModel(Potential):
         return self
 
     def __getstate__(self):  # deepcopy / pickle (e.g. the EMA copy): rebuild the compiled fn lazily
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_compiled": None}
+        return {**super().__getstate__(), "_compiled": None}
+
+    def _atomic_energies(self, features, species: torch.Tensor) -> torch.Tensor:
+        """E_i = energy_scale * eps_i + E0[z_i] (eV), (N,)."""
+        eps = features.atomic_energy
+        return eps * self.energy_scale + self.reference_energies[species].to(eps.dtype)
 
     def _chunked(self, graph: AtomicGraph) -> bool:
         chunk = self.backbone.edge_chunk()
@@ -185,8 +188,8 @@ class PotentialModel(Potential):
 
     def _energy_and_forces(self, species, positions, edge_index, shifts, cell, batch,
                            num_graphs: int):
-        """(energy (B,), atomic energies (N,), forces (N, 3), scalars, vectors, tensors); the
-        function torch.compile sees: tensors in, tensors out."""
+        """(energy (B,), atomic energies (N,), forces (N, 3), head parameters); the function
+        torch.compile sees: tensors in, tensors out."""
         from .backbones.base import BackboneOutput
 
         def energy_of(pos):
@@ -194,8 +197,7 @@ class PotentialModel(Potential):
                                 shifts=shifts, batch=batch, n_atoms=cell.new_zeros(0))
             features = self.backbone(species, edge_index, graph.edge_vectors(pos), batch,
                                      num_graphs)
-            atomic = features.atomic_energy * self.energy_scale + self.reference_energies[
-                species].to(pos.dtype)
+            atomic = self._atomic_energies(features, species)
             aux = {"atomic_energy": atomic, "scalars": features.scalars,
                    "vectors": features.vectors, "tensors": features.tensors}
             return atomic.sum(), {k: v for k, v in aux.items() if v is not None}
