@@ -21,6 +21,35 @@ def _model(head: str, seed: int) -> PotentialModel:
                           force_scale=1.0, energy_scale=1.0)
 
 
+def _unlabelled_reference(path) -> str:
+    """Eight demo frames without energies or forces, as an extxyz file."""
+    from ase import Atoms
+    from ase.io import write
+
+    from e2ip.data.readers import read_structures
+
+    frames = read_structures(demo_data_path(test=True), index="6:14")
+    write(path, [Atoms(s.numbers, s.positions) for s in frames])
+    return str(path)
+
+
+def test_evaluate_reports_per_structure_metrics_and_plots(tmp_path):
+    import json
+
+    path = tmp_path / "m.pt"
+    _model("e2ip", 0).save(path)
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(path), "--data", str(demo_data_path(test=True)), "--index",
+                 ":10", "--reference", _unlabelled_reference(tmp_path / "ref.xyz"),
+                 "--aggregate", "sum", "--out", str(out)]) == 0
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["aggregate"] == "sum" and data["reference"].endswith("ref.xyz")
+    for key in ("spearman_per_structure", "ause_per_structure", "auc_worst10", "auc_reference"):
+        assert isinstance(data[key], float), key
+    for name in ("sparsification.png", "error_vs_uncertainty_per_structure.png"):
+        assert name in data["plots"] and (out / name).stat().st_size > 1000
+
+
 def test_compare_writes_tables_and_plot(tmp_path):
     paths = []
     for head in ("e2ip", "eip", "cholesky"):
@@ -35,8 +64,10 @@ def test_compare_writes_tables_and_plot(tmp_path):
     ens.save(tmp_path / "ens.pt")
     paths.append(str(tmp_path / "ens.pt"))
     out = tmp_path / "cmp"
+    reference = _unlabelled_reference(tmp_path / "reference.xyz")
     assert main(["compare", *paths, "--data", str(demo_data_path(test=True)), "--index", ":6",
-                 "--rotate", "--timing", "--out", str(out)]) == 0
+                 "--rotate", "--timing", "--out", str(out), "--reference", reference,
+                 "--aggregate", "max"]) == 0
     with open(out / "comparison.csv") as fh:
         rows = list(csv.DictReader(fh))
     methods = [r["method"] for r in rows]
@@ -46,8 +77,10 @@ def test_compare_writes_tables_and_plot(tmp_path):
     assert [r["form"] for r in rows] == ["raw", "cal", "raw", "raw", "raw", "cal"]
     for r in rows:
         for key in ("force_mae", "energy_score", "coverage_95", "calibration_error", "nll",
-                    "spearman", "delta_rho", "time_per_atom_ms"):
+                    "spearman", "delta_rho", "time_per_atom_ms", "spearman_per_structure",
+                    "ause_per_structure", "auc_worst10", "auc_reference"):
             assert r[key] not in ("", "nan"), (r["method"], key)
+        assert 0 <= float(r["auc_reference"]) <= 1 and float(r["ause_per_structure"]) >= 0
     # the calibrated ensemble is wider than the raw one, so it covers more
     raw, cal = rows[4], rows[5]
     assert float(cal["coverage_95"]) >= float(raw["coverage_95"])

@@ -197,6 +197,90 @@ def test_spearman_per_structure_by_hand():
     assert got == pytest.approx(ref, abs=1e-12)
 
 
+def test_per_structure_aggregates_by_loops():
+    rng = np.random.default_rng(16)
+    sizes = [3, 5, 2, 4, 6, 1]
+    batch = np.repeat(np.arange(len(sizes)), sizes)
+    u = rng.uniform(size=batch.size)
+    err = rng.normal(size=(batch.size, D))
+    reference = {"mean": np.mean, "max": np.max, "sum": np.sum}
+    for aggregate, fn in reference.items():
+        u_struct, rmse = metrics.per_structure(u, err, batch, aggregate)
+        np.testing.assert_allclose(u_struct, [fn(u[batch == b]) for b in range(len(sizes))],
+                                   rtol=1e-14)
+        np.testing.assert_allclose(rmse, [np.sqrt((err[batch == b] ** 2).mean())
+                                          for b in range(len(sizes))], rtol=1e-14)
+    with pytest.raises(ValueError, match="aggregate"):
+        metrics.per_structure(u, err, batch, "median")
+
+
+def _auc_by_pairs(scores, labels):
+    """P(score of a positive > score of a negative) + 1/2 P(tie), by counting every pair."""
+    pos, neg = scores[labels], scores[~labels]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return wins / (len(pos) * len(neg))
+
+
+def test_roc_auc_counts_pairs_with_ties():
+    rng = np.random.default_rng(17)
+    for _ in range(20):
+        n = int(rng.integers(4, 40))
+        scores = rng.integers(0, 6, size=n).astype(float)  # many ties
+        labels = rng.uniform(size=n) < 0.3
+        if labels.all() or not labels.any():
+            continue
+        assert metrics.roc_auc(scores, labels) == pytest.approx(_auc_by_pairs(scores, labels),
+                                                                abs=1e-14)
+    assert math.isnan(metrics.roc_auc([1.0, 2.0], [True, True]))
+    # the reference-set AUC: evaluated structures are the positives
+    a, b = rng.normal(size=30) + 1.0, rng.normal(size=50)
+    both = np.concatenate([a, b])
+    is_a = np.r_[np.ones(30, bool), np.zeros(50, bool)]
+    assert metrics.auc_reference(a, b) == pytest.approx(_auc_by_pairs(both, is_a), abs=1e-14)
+    assert metrics.auc_reference(b, b) == pytest.approx(0.5)
+    assert metrics.auc_reference(b + 100, b) == 1.0
+
+
+def test_auc_worst10_flags_the_largest_errors():
+    rng = np.random.default_rng(18)
+    rmse = rng.uniform(size=35)
+    worst = np.zeros(35, bool)
+    worst[np.argsort(-rmse)[:4]] = True  # ceil(0.1 * 35) = 4
+    u = rng.uniform(size=35)
+    assert metrics.auc_worst(u, rmse, 0.1) == pytest.approx(_auc_by_pairs(u, worst), abs=1e-14)
+    assert metrics.auc_worst(rmse, rmse) == 1.0
+    assert metrics.auc_worst(-rmse, rmse) == 0.0
+    assert math.isnan(metrics.auc_worst([1.0], [1.0]))
+
+
+def _ause_by_loops(u, err):
+    """Remove k = 0..n-1 items (most uncertain first; the oracle: largest error first), average
+    the rest, and average the gap over k."""
+    n = len(err)
+    order_u = sorted(range(n), key=lambda i: (-u[i], err[i]))
+    order_e = sorted(range(n), key=lambda i: -err[i])
+    gap = [np.mean(err[order_u[k:]]) - np.mean(err[order_e[k:]]) for k in range(n)]
+    return float(np.mean(gap))
+
+
+def test_ause_against_loops_and_limits():
+    rng = np.random.default_rng(19)
+    for n in (2, 7, 40):
+        err, u = rng.uniform(size=n), rng.uniform(size=n)
+        assert metrics.ause(u, err) == pytest.approx(_ause_by_loops(u, err), abs=1e-14)
+    err = rng.uniform(size=50)
+    assert metrics.ause(err, err) == pytest.approx(0.0, abs=1e-15)  # the oracle itself
+    assert metrics.ause(3 * err + 1, err) == pytest.approx(0.0, abs=1e-15)  # any monotone map
+    assert metrics.ause(-err, err) > metrics.ause(rng.uniform(size=50), err) > 0
+    # a constant uncertainty gains nothing: its curve stays at the mean error... at best
+    flat = metrics.ause(np.ones(50), err)
+    assert flat == pytest.approx(_ause_by_loops(np.ones(50), err), abs=1e-14)
+    # a hand example: errors 1, 2, 3; uncertainty ranks 2 above 3 above 1
+    # model curve: mean(1,2,3)=2, mean(1,3)=2, mean(1)=1; oracle: 2, 1.5, 1 -> gaps 0, .5, 0
+    assert metrics.ause([0.0, 2.0, 1.0], [1.0, 2.0, 3.0]) == pytest.approx(0.5 / 3)
+    assert math.isnan(metrics.ause([1.0], [1.0]))
+
+
 def test_random_rotations_are_proper_and_uniform():
     r = metrics.random_rotations(2000, 0)
     assert r.shape == (2000, 3, 3) and r.dtype == torch.float64
@@ -230,8 +314,13 @@ def test_uncertainty_metrics_summary(student_world):
     assert len(out["coverage_curve"]) == 99
     assert out["spearman"] > 0.2  # wider predictives do see larger errors
     assert -1 <= out["spearman_per_structure"] <= 1
-    assert math.isnan(metrics.uncertainty_metrics(pred, y, u, None, n_samples=4)[
-        "spearman_per_structure"])
+    u_struct, rmse = metrics.per_structure(u, y - loc, batch)
+    assert out["ause_per_structure"] == metrics.ause(u_struct, rmse)
+    assert out["auc_worst10"] == metrics.auc_worst(u_struct, rmse)
+    np.testing.assert_array_equal(out["u_structure"], u_struct)
+    no_batch = metrics.uncertainty_metrics(pred, y, u, None, n_samples=4)
+    for key in ("spearman_per_structure", "ause_per_structure", "auc_worst10"):
+        assert math.isnan(no_batch[key])
 
 
 # ------------------------------------------------------------------------------------ plots

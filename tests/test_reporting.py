@@ -190,3 +190,37 @@ def test_accuracy_and_summary_metrics_in_report_units(structures):
     np.testing.assert_allclose(arrays["pit"], pit, rtol=1e-9, atol=1e-12)
     levels, coverage = arrays["coverage_curve"]
     np.testing.assert_allclose(coverage, [(pit <= p).mean() for p in levels])
+
+
+def test_per_structure_metrics_and_reference_auc_from_predictions(structures):
+    """spearman/ause per structure, auc_worst10 and auc_reference recomputed from model.predict
+    with scipy and pair counting, for each aggregate; the reference set needs no labels."""
+    model = _e2ip()
+    reference = read_structures(demo_data_path(test=True), index="12:30")
+    unlabelled = [type(s)(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc)
+                  for s in reference]
+    pred, pred_ref = model.predict(structures, form="raw"), model.predict(reference, form="raw")
+    n = np.array([s.n_atoms for s in structures])
+    n_ref = np.array([s.n_atoms for s in reference])
+    f_err = pred["forces"] - np.concatenate([s.forces for s in structures])
+    rmse = np.sqrt(np.bincount(np.repeat(np.arange(len(n)), n), (f_err**2).mean(-1)) / n)
+    for aggregate, fn in {"mean": np.mean, "max": np.max, "sum": np.sum}.items():
+        u = [fn(part) for part in np.split(pred["u_epi"], np.cumsum(n)[:-1])]
+        u_ref = [fn(part) for part in np.split(pred_ref["u_epi"], np.cumsum(n_ref)[:-1])]
+        metrics, arrays = evaluate(model, structures, form="raw", aggregate=aggregate,
+                                   reference=unlabelled)
+        assert metrics["aggregate"] == aggregate
+        assert metrics["spearman_per_structure"] == pytest.approx(stats.spearmanr(u, rmse)[0])
+        wins = sum((a > b) + 0.5 * (a == b) for a in u for b in u_ref)
+        assert metrics["auc_reference"] == pytest.approx(wins / (len(u) * len(u_ref)))
+        worst = np.argsort(-rmse)[:2]  # ceil(0.1 * 12)
+        rest = [k for k in range(len(u)) if k not in worst]
+        wins = sum((u[a] > u[b]) + 0.5 * (u[a] == u[b]) for a in worst for b in rest)
+        assert metrics["auc_worst10"] == pytest.approx(wins / (2 * len(rest)))
+        # AUSE: remove structures most uncertain first vs largest RMSE first
+        by_u, by_e = np.argsort(-np.asarray(u)), np.argsort(-rmse)
+        gaps = [rmse[by_u[k:]].mean() - rmse[by_e[k:]].mean() for k in range(len(u))]
+        assert metrics["ause_per_structure"] == pytest.approx(np.mean(gaps))
+        np.testing.assert_allclose(arrays["u_structure"], u, rtol=1e-9)
+    without, _ = evaluate(model, structures, form="raw")
+    assert without["aggregate"] == "mean" and "auc_reference" not in without

@@ -12,6 +12,10 @@ from pathlib import Path
 
 from .errors import E2IPError
 
+#: per-structure aggregates, the default first (metrics.AGGREGATES; repeated here so that the
+#: parser is built without importing torch)
+AGGREGATES = ("mean", "max", "sum")
+
 log = logging.getLogger("e2ip")
 
 REPORT_UNITS = ("eV", "meV", "kcal/mol", "kJ/mol")
@@ -86,6 +90,14 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
                    help="also measure the inference time per atom (median of 5 passes after a "
                    "warm-up, graphs prebuilt)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--aggregate", choices=AGGREGATES, default=AGGREGATES[0],
+                   help="per-structure uncertainty: the mean (default), max or sum of the "
+                   "per-atom epistemic traces (spearman_per_structure, ause_per_structure, "
+                   "auc_worst10, auc_reference)")
+    p.add_argument("--reference", default=None, metavar="FILE",
+                   help="an in-distribution reference set (e.g. the test set of the training "
+                   "distribution; labels not needed): adds auc_reference, the ROC-AUC of the "
+                   "per-structure uncertainty for telling --data from it")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -228,6 +240,18 @@ def _read_eval_data(args):
     return without_energies(structures) if no_energy else structures
 
 
+def _read_reference(args):
+    """The --reference structures (every frame; energies and forces not needed), or None."""
+    from .data.readers import read_structures
+
+    if not args.reference:
+        return None
+    return read_structures(args.reference, energy_key=args.energy_key,
+                           forces_key=args.forces_key, energy_unit=args.energy_unit,
+                           length_unit=args.length_unit, require_energy=False,
+                           require_forces=False)
+
+
 def cmd_train(args) -> int:
     from .evaluation import format_table
     from .train.config import load_config
@@ -267,8 +291,11 @@ def cmd_evaluate(args) -> int:
     model = load_model(_model_path(args.model), device=args.device)
     structures = _read_eval_data(args)
     metrics, arrays = evaluate(model, structures, units=args.units, batch_size=args.batch_size,
-                               rotate=args.rotate, form=args.form, timing=args.timing)
+                               rotate=args.rotate, form=args.form, timing=args.timing,
+                               aggregate=args.aggregate, reference=_read_reference(args))
     metrics["data"] = str(args.data)
+    if args.reference:
+        metrics["reference"] = str(args.reference)
     print(format_table(metrics))
     if args.out:
         out = Path(args.out)
@@ -298,7 +325,8 @@ def cmd_compare(args) -> int:
     table = compare_models([_model_path(m) for m in args.models], _read_eval_data(args),
                            out_dir=Path(args.out), units=args.units,
                            batch_size=args.batch_size, rotate=args.rotate, device=args.device,
-                           timing=args.timing)
+                           timing=args.timing, aggregate=args.aggregate,
+                           reference=_read_reference(args))
     print(table)
     return 0
 

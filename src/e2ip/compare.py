@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .evaluation import evaluate_forms, time_per_atom_ms, write_metrics_json
+from .evaluation import DEFAULT_AGGREGATE, evaluate_forms, time_per_atom_ms, write_metrics_json
 from .model_io import load_model
 
 COLUMNS = [
@@ -20,6 +20,9 @@ COLUMNS = [
     ("nll", "NLL", "{:.3f}"),
     ("spearman", "Spearman", "{:.3f}"),
     ("spearman_per_structure", "Spearman/struct", "{:.3f}"),
+    ("ause_per_structure", "AUSE/struct", "{:.4f}"),
+    ("auc_worst10", "AUC worst10", "{:.3f}"),
+    ("auc_reference", "AUC vs ref", "{:.3f}"),
     ("delta_rho", "Δρ", "{:+.3f}"),
     ("time_per_atom_ms", "ms/atom", "{:.4f}"),
     ("n_parameters", "params", "{}"),
@@ -28,11 +31,13 @@ COLUMNS = [
 
 def compare_models(paths: list[Path], structures, *, out_dir: Path, units: str = "eV",
                    batch_size: int = 32, rotate: bool = False, device: str = "cpu",
-                   seed: int = 0, timing: bool = False) -> str:
+                   seed: int = 0, timing: bool = False, aggregate: str = DEFAULT_AGGREGATE,
+                   reference=None) -> str:
     """Evaluate each model in every form it offers (raw, and cal when calibrated; one forward
     pass per model); write comparison.md/.csv/.json and calibration.png into `out_dir`; return
     the markdown table. Rows are labelled '<method> raw' / '<method> cal' for calibrated models
-    of every kind."""
+    of every kind. aggregate, reference: the per-structure uncertainty and the in-distribution
+    reference set (structures) of :func:`e2ip.evaluation.compute_metrics`."""
     from .metrics import coverage_curve
     from .plots import plot_calibration
 
@@ -42,7 +47,8 @@ def compare_models(paths: list[Path], structures, *, out_dir: Path, units: str =
         model = load_model(path, device=device)
         forms = model.available_forms() or [None]
         results = evaluate_forms(model, structures, forms, units=units, batch_size=batch_size,
-                                 rotate=rotate, seed=seed)
+                                 rotate=rotate, seed=seed, aggregate=aggregate,
+                                 reference=reference)
         cost = time_per_atom_ms(model, structures, batch_size) if timing else None
         n_params = sum(p.numel() for p in model.parameters())
         for form, (metrics, arrays) in results.items():

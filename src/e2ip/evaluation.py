@@ -80,7 +80,10 @@ def collect(model: Potential, structures: list[Structure], batch_size: int = 32,
     n_atoms = torch.tensor([s.n_atoms for s in structures])
     return Collected(
         forces=torch.cat(forces),
-        forces_ref=torch.from_numpy(np.concatenate([s.forces for s in structures])).double(),
+        # structures without force labels (an unlabelled reference set) get NaN references
+        forces_ref=torch.from_numpy(np.concatenate(
+            [s.forces if s.forces is not None else np.full((s.n_atoms, 3), np.nan)
+             for s in structures])).double(),
         energy=torch.cat(energy),
         energy_ref=torch.tensor([math.nan if s.energy is None else s.energy
                                  for s in structures], dtype=torch.float64),
@@ -132,7 +135,11 @@ def rotate_structures(structures: list[Structure], rotations: torch.Tensor) -> l
 
 
 UNCERTAINTY_KEYS = ("nll", "energy_score", "coverage_95", "calibration_error", "spearman",
-                    "spearman_per_structure", "mean_epistemic", "mean_aleatoric")
+                    "spearman_per_structure", "ause_per_structure", "auc_worst10",
+                    "auc_reference", "mean_epistemic", "mean_aleatoric")
+
+#: the default per-structure aggregate of per-atom uncertainties (see metrics.per_structure)
+DEFAULT_AGGREGATE = "mean"
 
 
 def _check_finite(x: torch.Tensor, y: torch.Tensor | None, frames, what: str) -> None:
@@ -145,9 +152,14 @@ def _check_finite(x: torch.Tensor, y: torch.Tensor | None, frames, what: str) ->
 
 
 def compute_metrics(c: Collected, units: str = "eV", form: str | None = None,
-                    n_samples: int = 100, seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+                    n_samples: int = 100, seed: int = 0, aggregate: str = DEFAULT_AGGREGATE,
+                    reference: Collected | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Scalar metrics (in `units` energy and units/Å forces) of the predictions, with the
-    uncertainty metrics of `form` (None: accuracy only), and arrays for plots."""
+    uncertainty metrics of `form` (None: accuracy only), and arrays for plots.
+
+    aggregate: how per-atom u_epi becomes one uncertainty per structure ('mean', 'max', 'sum');
+    reference: the same model's predictions on an in-distribution reference set (its labels are
+    not used), for `auc_reference`."""
     from . import metrics as M
 
     conv = 1.0 / energy_factor(units)  # eV -> report units
@@ -170,7 +182,13 @@ def compute_metrics(c: Collected, units: str = "eV", form: str | None = None,
         return out, arrays
     u = c.forms[form]
     unc = M.uncertainty_metrics(u.predictive, c.forces_ref, u.u_epi, c.batch,
-                                n_samples=n_samples, seed=seed)
+                                n_samples=n_samples, seed=seed, aggregate=aggregate)
+    if reference is not None:
+        u_ref, _ = M.per_structure(reference.forms[form].u_epi, reference.forces_ref,
+                                   reference.batch, aggregate)
+        auc_ref = M.auc_reference(unc["u_structure"], u_ref)
+    else:
+        auc_ref = math.nan
     out.update(
         # a density in (units/Å)^-3: 3 log(conv) converts the per-atom NLL from eV/Å
         nll=float(unc["nll"]) + 3 * math.log(conv),
@@ -179,13 +197,20 @@ def compute_metrics(c: Collected, units: str = "eV", form: str | None = None,
         calibration_error=float(unc["calibration_error"]),
         spearman=float(unc["spearman"]),
         spearman_per_structure=float(unc["spearman_per_structure"]),
+        ause_per_structure=float(unc["ause_per_structure"]) * conv,
+        auc_worst10=float(unc["auc_worst10"]),
+        aggregate=aggregate,
         mean_epistemic=float(torch.sqrt(u.u_epi / 3).mean()) * conv,
         mean_aleatoric=float(torch.sqrt(u.u_ale / 3).mean()) * conv,
     )
+    if reference is not None:
+        out["auc_reference"] = float(auc_ref)
     arrays["pit"] = np.asarray(unc["pit"])
     arrays["coverage_curve"] = M.coverage_curve(arrays["pit"])
     arrays["sigma_epi"] = (torch.sqrt(u.u_epi / 3) * conv).numpy()
     arrays["error_norm"] = ((c.forces - c.forces_ref).norm(dim=-1) * conv).numpy()
+    arrays["u_structure"] = unc["u_structure"]
+    arrays["rmse_structure"] = unc["rmse_structure"] * conv
     return out, arrays
 
 
@@ -221,15 +246,18 @@ def rotation_metrics(model: Potential, structures, c: Collected, batch_size: int
 
 def evaluate_forms(model: Potential, structures: list[Structure], forms: list[str | None], *,
                    units: str = "eV", batch_size: int = 32, rotate: bool = False, seed: int = 0,
-                   n_samples: int = 100) -> dict[str | None, tuple[dict, dict]]:
+                   n_samples: int = 100, aggregate: str = DEFAULT_AGGREGATE,
+                   reference: list[Structure] | None = None) -> dict[str | None, tuple[dict, dict]]:
     """Metrics and plot arrays for each form in `forms` (None for a model without uncertainty),
-    all from one forward pass (and one more over rotated copies with `rotate`)."""
+    all from one forward pass (and one more over rotated copies with `rotate`, one over the
+    `reference` structures for `auc_reference`)."""
     wanted = [f for f in forms if f is not None]
     c = collect(model, structures, batch_size, wanted)
+    ref = collect(model, reference, batch_size, wanted) if reference and wanted else None
     rot = rotation_metrics(model, structures, c, batch_size, seed, wanted) if rotate else {}
     results = {}
     for form in forms:
-        metrics, arrays = compute_metrics(c, units, form, n_samples, seed)
+        metrics, arrays = compute_metrics(c, units, form, n_samples, seed, aggregate, ref)
         metrics.update(rot.get(form, {}))
         metrics["form"] = form
         if form == "cal":  # what was applied: {method, value}, and the value under its name
@@ -242,18 +270,22 @@ def evaluate_forms(model: Potential, structures: list[Structure], forms: list[st
 
 def evaluate(model: Potential, structures: list[Structure], *, units: str = "eV",
              batch_size: int = 32, rotate: bool = False, seed: int = 0, n_samples: int = 100,
-             form: str | None = None, timing: bool = False) -> tuple[dict[str, Any], dict]:
+             form: str | None = None, timing: bool = False, aggregate: str = DEFAULT_AGGREGATE,
+             reference: list[Structure] | None = None) -> tuple[dict[str, Any], dict]:
     """Every metric of one model on one data set, in one form.
 
     form: 'raw' or 'cal' (None: 'cal' when the model is calibrated, else 'raw'). The metrics
     always say which: `form`, and whenever a calibration is applied also `calibration`
     ({method, value}), the fitted value under its method's name (`variance_scale` for single
     models, `variance_floor` for ensembles) and the raw figures from the same pass under `raw`.
-    timing: add `time_per_atom_ms` measured as SPEC 7 says (:func:`time_per_atom_ms`)."""
+    timing: add `time_per_atom_ms` measured as SPEC 7 says (:func:`time_per_atom_ms`);
+    aggregate, reference: the per-structure uncertainty and the reference set of
+    :func:`compute_metrics`."""
     form = model.resolve_form(form) if model.has_uncertainty else None
     forms = [form, "raw"] if form == "cal" else [form]
     results = evaluate_forms(model, structures, forms, units=units, batch_size=batch_size,
-                             rotate=rotate, seed=seed, n_samples=n_samples)
+                             rotate=rotate, seed=seed, n_samples=n_samples, aggregate=aggregate,
+                             reference=reference)
     metrics, arrays = results[form]
     if form == "cal":
         raw = results["raw"][0]
@@ -275,7 +307,16 @@ def write_plots(arrays: dict[str, Any], out_dir: Path, units: str = "eV",
     plots.plot_error_vs_uncertainty(arrays["sigma_epi"] ** 2 * 3, arrays["error_norm"],
                                     out_dir / "error_vs_uncertainty.png", unit=f"{units}/Å",
                                     xlabel="epistemic σ = sqrt(tr U_epi / 3)", diagonal=False)
-    return ["calibration.png", "pit.png", "error_vs_uncertainty.png"]
+    names = ["calibration.png", "pit.png", "error_vs_uncertainty.png"]
+    if len(arrays.get("u_structure", ())) >= 2:
+        plots.plot_error_vs_uncertainty(arrays["u_structure"], arrays["rmse_structure"],
+                                        out_dir / "error_vs_uncertainty_per_structure.png",
+                                        unit=f"{units}/Å", xlabel="sqrt(per-structure u_epi / 3)",
+                                        title="per structure", diagonal=False)
+        plots.plot_sparsification({label: (arrays["u_structure"], arrays["rmse_structure"])},
+                                  out_dir / "sparsification.png", unit=f"{units}/Å")
+        names += ["error_vs_uncertainty_per_structure.png", "sparsification.png"]
+    return names
 
 
 def evaluate_and_report(model: Potential, structures, out_dir, *, units: str = "eV",
@@ -296,6 +337,9 @@ UNDEFINED_REASONS = {
     "spearman_per_structure": "undefined: fewer than 3 structures, or constant per-structure "
                               "errors or uncertainties",
     "spearman_rotated": "undefined: fewer than 3 atoms, or constant errors or uncertainties",
+    "ause_per_structure": "undefined: fewer than 2 structures",
+    "auc_worst10": "undefined: fewer than 2 structures",
+    "auc_reference": "undefined: an empty evaluated or reference set",
     "delta_rho": "undefined: a Spearman correlation it is the difference of is undefined",
 }
 

@@ -121,17 +121,103 @@ def spearman(u, err) -> float:
     return float(stats.spearmanr(u, err)[0])
 
 
-def spearman_per_structure(u, err_vec, batch) -> float:
-    """Spearman between the per-structure mean of ``u`` (N,) and the per-structure force RMSE
-    (over the components of ``err_vec`` (N, 3)); ``batch`` (N,) holds each atom's structure
-    index."""
+#: how per-atom uncertainties become one per structure (the default is the first)
+AGGREGATES = ("mean", "max", "sum")
+
+
+def per_structure(u, err_vec, batch, aggregate: str = "mean") -> tuple[np.ndarray, np.ndarray]:
+    """Per-structure uncertainty and force RMSE, both (B,) in order of structure index.
+
+    u (N,): per-atom uncertainty, combined over each structure's atoms by `aggregate` ('mean',
+    'max' or 'sum'); err_vec (N, 3): force errors, the RMSE over each structure's components;
+    batch (N,): each atom's structure index."""
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
     u = _np(u).ravel()
     err_vec = _np(err_vec).reshape(u.size, -1)
     labels, inverse = np.unique(_np(batch).astype(np.int64), return_inverse=True)
     count = np.bincount(inverse, minlength=len(labels)).astype(np.float64)
-    mean_u = np.bincount(inverse, weights=u, minlength=len(labels)) / count
+    if aggregate == "max":
+        u_struct = np.full(len(labels), -np.inf)
+        np.maximum.at(u_struct, inverse, u)
+    else:
+        u_struct = np.bincount(inverse, weights=u, minlength=len(labels))
+        if aggregate == "mean":
+            u_struct = u_struct / count
     sq = np.bincount(inverse, weights=(err_vec**2).mean(-1), minlength=len(labels)) / count
-    return spearman(mean_u, np.sqrt(sq))
+    return u_struct, np.sqrt(sq)
+
+
+def spearman_per_structure(u, err_vec, batch, aggregate: str = "mean") -> float:
+    """Spearman between the per-structure uncertainty (`aggregate` of ``u`` (N,) over each
+    structure) and the per-structure force RMSE (over the components of ``err_vec`` (N, 3));
+    ``batch`` (N,) holds each atom's structure index."""
+    return spearman(*per_structure(u, err_vec, batch, aggregate))
+
+
+def sparsification_curves(u, err) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fractions, model, oracle): the mean of `err` over what remains after removing the
+    fraction f of items with the largest uncertainty `u` (model) or the largest error (oracle),
+    for f = 0, 1/n, ..., (n-1)/n. Ties in `u` are removed in the order of the error, smallest
+    first (the pessimistic order, so constant uncertainty gains nothing)."""
+    u, err = _np(u).ravel(), _np(err).ravel()
+    n = err.size
+    fractions = np.arange(n) / max(n, 1)
+
+    def remaining_means(order: np.ndarray) -> np.ndarray:
+        kept = err[order][::-1]  # the items kept longest first
+        return (np.cumsum(kept) / np.arange(1, n + 1))[::-1]
+
+    by_u = np.lexsort((err, -u))  # largest u first; among equal u, smallest error first
+    by_err = np.argsort(-err, kind="stable")
+    return fractions, remaining_means(by_u), remaining_means(by_err)
+
+
+def ause(u, err) -> float:
+    """Area under the sparsification error: the integral over f in [0, 1) of (model - oracle)
+    sparsification curves (:func:`sparsification_curves`, rectangles of width 1/n), in the
+    units of `err`. 0 for a ranking as good as the errors themselves; lower is better. NaN for
+    fewer than 2 items."""
+    u, err = _np(u).ravel(), _np(err).ravel()
+    keep = np.isfinite(u) & np.isfinite(err)
+    u, err = u[keep], err[keep]
+    if err.size < 2:
+        return math.nan
+    _, model, oracle = sparsification_curves(u, err)
+    return float(np.mean(model - oracle))
+
+
+def roc_auc(scores, labels) -> float:
+    """ROC-AUC of `scores` (N,) for telling `labels` True (positive) from False: the probability
+    that a random positive scores above a random negative, ties counted one half (the
+    Mann-Whitney statistic from average ranks). NaN without both classes."""
+    scores, labels = _np(scores).ravel(), np.asarray(labels, dtype=bool).ravel()
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = stats.rankdata(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auc_worst(u_struct, rmse_struct, fraction: float = 0.1) -> float:
+    """ROC-AUC of the per-structure uncertainty for flagging the worst `fraction` of structures
+    (the ceil(fraction * B) with the largest force RMSE; ties at the border broken by order).
+    NaN for fewer than 2 structures."""
+    rmse = _np(rmse_struct).ravel()
+    if rmse.size < 2:
+        return math.nan
+    n_worst = min(max(1, math.ceil(fraction * rmse.size)), rmse.size - 1)
+    worst = np.zeros(rmse.size, dtype=bool)
+    worst[np.argsort(-rmse, kind="stable")[:n_worst]] = True
+    return roc_auc(u_struct, worst)
+
+
+def auc_reference(u_struct, u_struct_reference) -> float:
+    """ROC-AUC of the per-structure uncertainty for telling the evaluated structures (positive)
+    from those of an in-distribution reference set: 0.5 when they look alike, 1 when every
+    evaluated structure is more uncertain than every reference one."""
+    a, b = _np(u_struct).ravel(), _np(u_struct_reference).ravel()
+    return roc_auc(np.concatenate([a, b]), np.r_[np.ones(a.size, bool), np.zeros(b.size, bool)])
 
 
 # ------------------------------------------------------------------------------- rotations
@@ -162,16 +248,19 @@ def random_rotations(n: int, generator: torch.Generator | int | None = None,
 
 # --------------------------------------------------------------------------------- summary
 def uncertainty_metrics(predictive: Predictive, y, u_epi, batch=None, n_samples: int = 100,
-                        seed: int = 0) -> dict:
+                        seed: int = 0, aggregate: str = "mean") -> dict:
     """All uncertainty metrics of one method on one test set.
 
     ``u_epi`` (N,) is the scalar uncertainty ranked against the error (tr U_epi for e2IP);
-    ``batch`` (N,) maps atoms to structures (None: no per-structure Spearman, NaN).
+    ``batch`` (N,) maps atoms to structures (None: no per-structure metrics, NaN);
+    ``aggregate`` combines per-atom uncertainties per structure ('mean', 'max', 'sum').
 
     Returns a dict whose JSON-serialisable entries are the floats ``nll``, ``energy_score``,
-    ``coverage_95``, ``calibration_error``, ``spearman``, ``spearman_per_structure`` (NaN where
-    undefined; write with ``allow_nan`` or map NaN to None) and ``coverage_curve`` (list of 99
-    floats at the levels 0.01..0.99). ``pit`` is a numpy array (N,) and is not JSON-ready.
+    ``coverage_95``, ``calibration_error``, ``spearman``, and per structure
+    ``spearman_per_structure``, ``ause_per_structure`` (in force units) and ``auc_worst10``
+    (NaN where undefined; write with ``allow_nan`` or map NaN to None) and ``coverage_curve``
+    (list of 99 floats at the levels 0.01..0.99). ``pit`` (N,), ``u_structure`` and
+    ``rmse_structure`` (B,) are numpy arrays and not JSON-ready.
     """
     yt = _t64(y)
     loc = _t64(predictive.loc)
@@ -179,14 +268,21 @@ def uncertainty_metrics(predictive: Predictive, y, u_epi, batch=None, n_samples:
     err_norm = torch.linalg.vector_norm(err_vec, dim=-1)
     pit = pit_values(predictive, y)
     _, coverage = coverage_curve(pit)
+    if batch is None:
+        u_struct = rmse_struct = np.full(0, np.nan)
+    else:
+        u_struct, rmse_struct = per_structure(u_epi, err_vec, batch, aggregate)
     return {
         "nll": mean_nll(predictive, y),
         "energy_score": energy_score(predictive, y, n_samples=n_samples, seed=seed),
         "coverage_95": coverage_at(pit, 0.95),
         "calibration_error": calibration_error(pit),
         "spearman": spearman(u_epi, err_norm),
-        "spearman_per_structure": (math.nan if batch is None
-                                   else spearman_per_structure(u_epi, err_vec, batch)),
+        "spearman_per_structure": spearman(u_struct, rmse_struct),
+        "ause_per_structure": ause(u_struct, rmse_struct),
+        "auc_worst10": auc_worst(u_struct, rmse_struct, 0.1),
         "coverage_curve": [float(c) for c in coverage],
         "pit": pit,
+        "u_structure": u_struct,
+        "rmse_structure": rmse_struct,
     }

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import _np, spearman
+from .metrics import _np, sparsification_curves, spearman
 
 
 def _pyplot():
@@ -100,4 +100,29 @@ def plot_error_vs_uncertainty(u, err_norm, path, unit: str = "eV/Å", title: str
     ax.set_ylabel(f"|error|  [{unit}]")
     head = f"{title}: " if title else ""
     ax.set_title(f"{head}Spearman = {rho:.3f}")
+    return _save(fig, path)
+
+
+def plot_sparsification(curves: dict, path, unit: str = "eV/Å", what: str = "structures",
+                        title: str | None = None) -> Path:
+    """Sparsification curves: the mean error of what remains after removing the fraction f
+    with the largest uncertainty (solid), and after removing the largest errors first (the
+    oracle, dashed); the area between them is the AUSE.
+
+    ``curves`` maps a method name to ``(uncertainty, error)`` arrays (n,), e.g. per structure
+    the aggregated u_epi and the force RMSE."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    for k, (name, (u, err)) in enumerate(curves.items()):
+        fractions, model, oracle = sparsification_curves(u, err)
+        color = f"C{k}"
+        ax.plot(fractions, model, color=color, lw=1.8, label=str(name))
+        ax.plot(fractions, oracle, color=color, lw=1, ls="--",
+                label="oracle" if len(curves) == 1 else f"{name} oracle")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"fraction of {what} removed (most uncertain first)")
+    ax.set_ylabel(f"mean force RMSE of the rest  [{unit}]")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8, frameon=False)
     return _save(fig, path)
