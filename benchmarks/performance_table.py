@@ -31,6 +31,8 @@ def inference_table(results: dict) -> tuple[str, dict]:
     cells: dict = {}
     for r in rows_of(results, "inference"):
         c = r["case"]
+        if "edge_chunk" in c or "allocator" in c:  # in the memory-allocator table
+            continue
         key = (c["backbone"], c["dtype"], c["system"])
         cells.setdefault(key, {"atoms": r["atoms"]})[c["variant"]] = r
     lines = ["| backbone | dtype | system | atoms | bare | e2IP | ensemble x5 | eIP | "
@@ -54,6 +56,32 @@ def inference_table(results: dict) -> tuple[str, dict]:
     return "\n".join(lines), ratios
 
 
+def allocator_table(results: dict) -> tuple[str, dict]:
+    """PaiNN + e2IP inference: the defaults (65,536-edge chunks, glibc malloc), 16,384-edge
+    chunks, and tcmalloc preloaded; returns the table and the tcmalloc ms/atom per system."""
+    rows: dict[str, dict] = {}
+    for r in rows_of(results, "inference"):
+        c = r["case"]
+        if c["backbone"] == "painn" and c["dtype"] == "float32" and c["variant"] == "e2ip":
+            how = ("chunk16k" if "edge_chunk" in c else
+                   "tcmalloc" if c.get("allocator") == "tcmalloc" else "default")
+            rows.setdefault(c["system"], {})[how] = r
+    lines = ["| system | atoms | default ms/atom | 16,384-edge chunks | tcmalloc | "
+             "peak MB default | peak MB 16,384 | peak MB tcmalloc |",
+             "|---|---|---|---|---|---|---|---|"]
+    for system in SYSTEM_ORDER:
+        v = rows.get(system, {})
+        if len(v) < 2:
+            continue
+        atoms = next(iter(v.values()))["atoms"]
+
+        cells = [fmt(v[h].get(key)) if h in v else "–" for key in ("ms_per_atom", "peak_delta_mb")
+                 for h in ("default", "chunk16k", "tcmalloc")]
+        lines.append(f"| {system} | {atoms:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), {k: v["tcmalloc"]["ms_per_atom"] for k, v in rows.items()
+                              if "tcmalloc" in v}
+
+
 def simple_table(rows: list[dict], columns: list[tuple[str, str]], case_keys: list[str]) -> str:
     lines = ["| " + " | ".join(case_keys + [c[1] for c in columns]) + " |",
              "|" + "---|" * (len(case_keys) + len(columns))]
@@ -61,6 +89,13 @@ def simple_table(rows: list[dict], columns: list[tuple[str, str]], case_keys: li
         lines.append("| " + " | ".join(str(r["case"].get(k, "")) for k in case_keys) + " | "
                      + " | ".join(fmt(r.get(c[0])) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def _ratios(ours, ours_default, peer) -> str:
+    """'ours / peer (ours with tcmalloc / peer)'."""
+    if not ours or not peer:
+        return "–"
+    return fmt(ours / peer) + (f" ({fmt(ours_default / peer)})" if ours_default else "")
 
 
 def peers_rows(path: Path) -> list[dict]:
@@ -81,14 +116,17 @@ def main() -> None:
     print("### Inference, ms per atom (energy + forces; + every covariance for the heads)\n")
     table, ratios = inference_table(results)
     print(table)
-    print("\n### Head overhead and ensemble cost, timed in turn in one process (PaiNN, "
-          "float32)\n")
+    print("\n### Memory allocation: PaiNN + e2IP with the defaults, with 16,384-edge chunks, and "
+          "with tcmalloc preloaded (ms per atom; peak MB above the model and graph)\n")
+    table, default_ms = allocator_table(results)
+    print(table)
+    print("\n### Head overhead and ensemble cost, timed in turn in one process (float32)\n")
     print(simple_table(rows_of(results, "ratios"),
                        [("atoms", "atoms"), ("bare_ms_per_atom", "bare ms/atom"),
                         ("e2ip_ms_per_atom", "e2IP ms/atom"),
                         ("ensemble5_ms_per_atom", "ensemble x5 ms/atom"),
                         ("head_ratio", "e2IP / bare"), ("ensemble_ratio", "ensemble / e2IP")],
-                       ["system"]))
+                       ["backbone", "system"]))
     print("\n### Training step (e2IP, float32: forward, double backward, AdamW), graph "
           "building\n")
     print(simple_table(rows_of(results, "training"), [("atoms", "atoms"),
@@ -124,6 +162,8 @@ def main() -> None:
     peers = peers_rows(args.results.with_name(args.results.stem + "_peers.jsonl"))
     if peers:
         print("\n### Peers, ms per atom (energy + forces, float32)\n")
+        print("Ours with the defaults (glibc malloc, like the peers), and in brackets with tcmalloc "
+              "preloaded.\n")
         print("| system | atoms | e2ip PaiNN (bare) | e2ip PaiNN + e2IP | NequIP | MACE | "
               "ours / NequIP | ours / MACE |")
         print("|---|---|---|---|---|---|---|---|")
@@ -135,11 +175,12 @@ def main() -> None:
                 continue
             nequip = by_code.get("nequip", {}).get("ms_per_atom")
             mace = by_code.get("mace", {}).get("ms_per_atom")
-            e2 = ours.get("e2ip")
+            e2, e2_default = ours.get("e2ip"), default_ms.get(system)
+
+            e2_cell = fmt(e2) + (f" ({fmt(e2_default)})" if e2_default else "")
             print(f"| {system} | {by_code[next(iter(by_code))].get('atoms')} | "
-                  f"{fmt(ours.get('bare'))} | {fmt(e2)} | {fmt(nequip)} | {fmt(mace)} | "
-                  f"{fmt(e2 / nequip if e2 and nequip else None)} | "
-                  f"{fmt(e2 / mace if e2 and mace else None)} |")
+                  f"{fmt(ours.get('bare'))} | {e2_cell} | {fmt(nequip)} | {fmt(mace)} | "
+                  f"{_ratios(e2, e2_default, nequip)} | {_ratios(e2, e2_default, mace)} |")
 
 
 if __name__ == "__main__":

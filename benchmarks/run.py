@@ -45,6 +45,8 @@ WATER = SHARED / "water_cheng2019" / "water_cheng2019.extxyz"
 ASPIRIN = SHARED / "rmd17" / "rmd17_aspirin_test_01.npz"
 BACKBONES = ("painn", "tensor_product", "alphanet")
 VARIANTS = ("bare", "e2ip", "ensemble5", "eip")
+#: tcmalloc (Debian: libtcmalloc-minimal4) for the `allocator="tcmalloc"` cases
+TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 
 
 # -- the plan ---------------------------------------------------------------------------------
@@ -90,6 +92,18 @@ def plan(name: str) -> list[dict]:
     for system in ("aspirin", "water2") + (("water4",) if name != "quick" else ()):
         add("ratios", backbone="painn", dtype="float32", system=system,
             variants=["bare", "e2ip"] + (["ensemble5"] if system != "water4" else []))
+    if name != "quick":  # the head overhead of the backbones with native 2e features / frames
+        for backbone in ("tensor_product", "alphanet"):
+            for system in ("aspirin", "water2"):
+                add("ratios", backbone=backbone, dtype="float32", system=system,
+                    variants=["bare", "e2ip"])
+        # smaller edge chunks, and tcmalloc instead of glibc's malloc (docs/performance.md)
+        for system in ("water2", "water4"):
+            add("inference", backbone="painn", dtype="float32", system=system, variant="e2ip",
+                edge_chunk=2**14)
+        for system in ("water2", "water4", "water8"):
+            add("inference", backbone="painn", dtype="float32", system=system, variant="e2ip",
+                allocator="tcmalloc")
     add("calculator", system="aspirin1")
     add("calculator", system="water1")
     add("calculator", system="water2")
@@ -245,12 +259,18 @@ def run_case(case: dict, device_name: str, threads: int, budget: float) -> dict:
         structs = structures(case["system"])
         graph = graph_from_structures(structs, 5.0, dtype).to(device)
         model = build(case["variant"], case["backbone"], case["system"], dtype, device)
+        if "edge_chunk" in case:
+            from e2ip.backbones.base import set_edge_chunk_size
+
+            set_edge_chunk_size(model, case["edge_chunk"])
         n_atoms = int(graph.n_atoms.sum())
         big, large = n_atoms > 50_000, n_atoms > 5_000
 
         call = variant_call(model, graph, case["variant"])
         base_rss = rss_mb()
-        seconds, reps = timed(call, device, budget, warmup=0 if big else 1 if large else 2,
+        # one warm-up call even at 98k atoms: the first call pays for mapping the process's
+        # memory (2.8x a later call at 98k atoms with 65,536-edge chunks)
+        seconds, reps = timed(call, device, budget, warmup=1 if large else 2,
                               min_repeats=1 if big else 2 if large else 3)
         row.update(atoms=n_atoms, edges=int(graph.edge_index.shape[1]), seconds=seconds,
                    repeats=reps, ms_per_atom=1e3 * seconds / n_atoms)
@@ -317,6 +337,10 @@ def run_case(case: dict, device_name: str, threads: int, budget: float) -> dict:
         structs = structures(case["system"])
         graph = graph_from_structures(structs, 5.0, dtype).to(device)
         model = build("e2ip", case["backbone"], case["system"], dtype, device)
+        # unchunked: edge-chunked graphs take the eager path, which would time eager twice
+        from e2ip.backbones.base import set_edge_chunk_size
+
+        set_edge_chunk_size(model, 0)
         call = variant_call(model, graph, "e2ip")
         eager, compiled, extra = eager_then_compiled(call, model, device, budget)
         n_atoms = int(graph.n_atoms.sum())
@@ -445,10 +469,16 @@ def main() -> None:
         if case_key(case) in done:
             continue
         t0 = time.perf_counter()
+        case_env = env
+        if case.get("allocator") == "tcmalloc":
+            if not TCMALLOC.exists():
+                print(f"[{k + 1}/{len(cases)}] skipped (no {TCMALLOC}): {json.dumps(case)}")
+                continue
+            case_env = {**env, "LD_PRELOAD": str(TCMALLOC)}
         proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case),
                                "--device", args.device, "--threads", str(args.threads),
                                "--budget", str(args.budget)],
-                              capture_output=True, text=True, env=env)
+                              capture_output=True, text=True, env=case_env)
         if proc.returncode:
             row = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
         else:

@@ -35,7 +35,7 @@ from .data.neighbors import neighbor_list
 from .data.readers import check_elements
 from .data.structures import Structure
 from .errors import DataError
-from .potential import Potential, resolve_device, traces
+from .potential import Potential, resolve_device, sigma_epistemic
 
 #: skin (Å) used by default: the neighbour list is rebuilt only after an atom moved by skin / 2
 DEFAULT_SKIN = 1.0
@@ -75,20 +75,20 @@ class NeighborCache:
         """(edge_index (2, E) long, shifts (E, 3) float64) of the pairs within `cutoff`."""
         if self._needs_build(positions, cell, pbc, numbers):
             i, j, shifts = neighbor_list(positions, cell, pbc, self.cutoff + self.skin)
-            self._pairs = (torch.from_numpy(np.stack([i, j])),
-                           torch.from_numpy(shifts.astype(np.float64)))
+            self._pairs = (np.stack([i, j]).astype(np.int64), shifts.astype(np.float64))
             self._key = (numbers.tobytes(), cell.tobytes(), pbc.tobytes())
             self._ref_positions = positions.copy()
             self.builds += 1
             if self.skin == 0:
-                return self._pairs
+                return torch.from_numpy(self._pairs[0]), torch.from_numpy(self._pairs[1])
+        # the filter in numpy: a few microseconds, against ~0.1 ms of torch per-op cost that
+        # mattered for small molecules (the calculator's overhead over a bare forward)
         edge_index, shifts = self._pairs
-        pos = torch.from_numpy(positions)
-        vec = pos[edge_index[1]] - pos[edge_index[0]]
+        vec = positions[edge_index[1]] - positions[edge_index[0]]
         if pbc.any():
-            vec = vec + shifts @ torch.from_numpy(cell)
-        keep = (vec * vec).sum(1) < self.cutoff**2
-        return edge_index[:, keep], shifts[keep]
+            vec += shifts @ cell
+        keep = np.einsum("ij,ij->i", vec, vec) < self.cutoff**2
+        return torch.from_numpy(edge_index[:, keep]), torch.from_numpy(shifts[keep])
 
 
 class E2IPCalculator(Calculator):
@@ -123,6 +123,8 @@ class E2IPCalculator(Calculator):
         self.form = self.model.resolve_form(form) if self.model.has_uncertainty else None
         self.bias = bias
         self.neighbors = NeighborCache(self.model.cutoff, skin)
+        # read once: Potential.device / .dtype look at the parameters (~50 us per call)
+        self._device, self._dtype = self.model.device, self.model.dtype
         self._checked_numbers: bytes | None = None
 
     def _graph(self, atoms) -> AtomicGraph:
@@ -132,7 +134,7 @@ class E2IPCalculator(Calculator):
         per call, +35 % on aspirin through model.predict)."""
         numbers = np.asarray(atoms.numbers, dtype=np.int64)
         positions = np.ascontiguousarray(atoms.positions, dtype=np.float64)
-        dev, dtype = self.model.device, self.model.dtype
+        dev, dtype = self._device, self._dtype
         if numbers.tobytes() != self._checked_numbers:
             check_elements([Structure.from_atoms(atoms)], self.model.elements)
             self._checked_numbers = numbers.tobytes()
@@ -172,11 +174,10 @@ class E2IPCalculator(Calculator):
         if covs:
             tensors.update({"forces_covariance": covs["predictive"],
                             "forces_aleatoric": covs["aleatoric"],
-                            "forces_epistemic": covs["epistemic"],
-                            "forces_uncertainty": traces(covs)["sigma_epi"]})
+                            "forces_epistemic": covs["epistemic"]})
         if energy_std is not None:
             tensors["energy_uncertainty"] = energy_std
-        r = {k: v.detach().to("cpu", torch.float64).numpy() for k, v in tensors.items()}
+        r = _to_numpy(tensors)
         for key in ("energy", "bias_energy", "energy_uncertainty"):
             if key in r:
                 r[key] = float(r[key][0])
@@ -187,5 +188,15 @@ class E2IPCalculator(Calculator):
         if stress:
             r["stress"] = full_3x3_to_voigt_6_stress(r["stress"])
         if covs:
-            r["forces_std"] = np.sqrt(np.einsum("nii->ni", r["forces_covariance"]))
+            r["forces_uncertainty"] = sigma_epistemic(r["forces_epistemic"])
+            r["forces_std"] = np.sqrt(np.diagonal(r["forces_covariance"], axis1=1, axis2=2))
         self.results = r
+
+
+def _to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """float64 numpy copies of the result tensors in one device-to-host transfer (one cat, one
+    copy; measured: a copy per tensor cost ~0.1 ms per call on a 21-atom molecule, ~1 % of the
+    forward)."""
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors.values()]).to("cpu", torch.float64)
+    parts = np.split(flat.numpy(), np.cumsum([t.numel() for t in tensors.values()])[:-1])
+    return {k: part.reshape(t.shape) for (k, t), part in zip(tensors.items(), parts)}

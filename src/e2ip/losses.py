@@ -12,6 +12,14 @@ import torch
 D = 3
 
 
+def quadratic_form(error: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """e_n^T M_n e_n for (N, 3) vectors and (N, 3, 3) matrices -> (N,).
+
+    A matmul rather than einsum("ni,nij,nj->n"): torch runs opt_einsum's path search on every
+    three-operand einsum call (measured ~0.4 ms, 5 % of a 21-atom forward pass)."""
+    return ((matrix @ error.unsqueeze(-1)).squeeze(-1) * error).sum(-1)
+
+
 def niw_nll(error: torch.Tensor, trace_a: torch.Tensor, expm_neg_a: torch.Tensor,
             kappa: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
     """Closed-form -log t_{nu-2}(y | mu, S) with S = (kappa+1) nu / (kappa (nu-2)) expm(A) (SPEC 5).
@@ -20,7 +28,7 @@ def niw_nll(error: torch.Tensor, trace_a: torch.Tensor, expm_neg_a: torch.Tensor
     expm(A) = tr A and expm(A)^-1 = expm(-A).
     """
     nu_pred = nu - D + 1
-    q = kappa / ((kappa + 1) * nu) * torch.einsum("ni,nij,nj->n", error, expm_neg_a, error)
+    q = kappa / ((kappa + 1) * nu) * quadratic_form(error, expm_neg_a)
     return (torch.lgamma(nu_pred / 2) - torch.lgamma((nu + 1) / 2)
             + D / 2 * torch.log(math.pi * nu * (kappa + 1) / kappa)
             + 0.5 * trace_a + (nu + 1) / 2 * torch.log1p(q))
@@ -54,7 +62,7 @@ def nig_regularizer(error: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
 
 def gaussian_nll(error: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     """-log N(e | 0, cov) for (N, 3) errors and (N, 3, 3) covariances."""
-    quad = torch.einsum("ni,nij,nj->n", error, torch.linalg.inv(cov), error)
+    quad = quadratic_form(error, torch.linalg.inv(cov))
     return 0.5 * (quad + torch.linalg.slogdet(cov)[1] + D * math.log(2 * math.pi))
 
 

@@ -188,8 +188,9 @@ class PotentialModel(Potential):
 
     def _energy_and_forces(self, species, positions, edge_index, shifts, cell, batch,
                            num_graphs: int):
-        """(energy (B,), atomic energies (N,), forces (N, 3), head parameters); the function
-        torch.compile sees: tensors in, tensors out."""
+        """(atomic energies (N,), forces (N, 3), head parameters); the function torch.compile
+        sees: tensors in, tensors out. The per-structure sum is left to the caller: Inductor
+        (torch 2.13, CPU) fails to generate the scatter into a one-structure energy buffer."""
         from .backbones.base import BackboneOutput
 
         def energy_of(pos):
@@ -203,18 +204,17 @@ class PotentialModel(Potential):
             return atomic.sum(), {k: v for k, v in aux.items() if v is not None}
 
         grad, aux = torch.func.grad(energy_of, has_aux=True)(positions)
-        atomic = aux["atomic_energy"]
-        energy = scatter_sum(atomic, batch, num_graphs)
         params = self.head(BackboneOutput(**aux))
-        return energy, atomic, -grad, params
+        return aux["atomic_energy"], -grad, params
 
     def _compiled_forward(self, graph: AtomicGraph, species: torch.Tensor) -> dict[str, Any]:
         if self._compiled is None:
             self._compiled = torch.compile(self._energy_and_forces, **self._compile_options)
         dtype = next(self.parameters()).dtype
-        energy, atomic, forces, params = self._compiled(
+        atomic, forces, params = self._compiled(
             species, graph.positions.to(dtype), graph.edge_index, graph.shifts.to(dtype),
             graph.cell.to(dtype), graph.batch, graph.num_graphs)
+        energy = scatter_sum(atomic, graph.batch, graph.num_graphs)
         return {"energy": energy, "atomic_energies": atomic, "forces": forces, "params": params}
 
     @classmethod

@@ -12,6 +12,8 @@ import math
 import torch
 from scipy import stats
 
+from .losses import quadratic_form
+
 D = 3
 
 
@@ -19,10 +21,6 @@ def _sym_sqrt(c: torch.Tensor) -> torch.Tensor:
     """Symmetric square root of PSD matrices (N, 3, 3) via eigh (evaluation only, not training)."""
     w, v = torch.linalg.eigh(c)
     return (v * w.clamp_min(0).sqrt().unsqueeze(-2)) @ v.transpose(-1, -2)
-
-
-def _quad(e: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("ni,nij,nj->n", e, inv, e)
 
 
 def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -91,7 +89,7 @@ class StudentT(Predictive):
         return (self.dof / (self.dof - 2))[:, None, None] * self.scale
 
     def mahalanobis(self, y):
-        return _quad(y - self.loc, self.scale_inv)
+        return quadratic_form(y - self.loc, self.scale_inv)
 
     def nll(self, y):
         nu = self.dof
@@ -134,7 +132,7 @@ class Gaussian(Predictive):
         return self.cov
 
     def mahalanobis(self, y):
-        return _quad(y - self.loc, self.cov_inv)
+        return quadratic_form(y - self.loc, self.cov_inv)
 
     def nll(self, y):
         return 0.5 * (self.mahalanobis(y) + self.logdet + D * math.log(2 * math.pi))
@@ -225,7 +223,7 @@ class Samples(Predictive):
     def pit(self, y):
         stat_s = torch.einsum("mni,nij,mnj->mn", self.samples - self.loc, self.cov_inv,
                               self.samples - self.loc)
-        stat_y = _quad(y - self.loc, self.cov_inv)
+        stat_y = quadratic_form(y - self.loc, self.cov_inv)
         return (stat_s <= stat_y).double().mean(0).cpu()
 
     def sample(self, m, generator=None):

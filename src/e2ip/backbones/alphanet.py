@@ -45,6 +45,7 @@ from .base import (
     mlp,
     scatter_sum,
     sum_over_edges,
+    sym_outer_l2,
 )
 from .painn import PaiNNUpdate
 
@@ -179,7 +180,7 @@ class FrameTensorReadout(nn.Module):
         g = torch.cat([g[..., :4], g[..., 4:] * sigma.unsqueeze(-1)], dim=-1)
         # 2e coefficients of e_a e_b^T + e_b e_a^T (the factor 2 off the diagonal is absorbed in G)
         ea, eb = frame[:, self.pair_a], frame[:, self.pair_b]  # (E, 6, 3)
-        pairs = torch.einsum("epi,kij,epj->epk", ea, self.basis, eb)  # (E, 6, 5)
+        pairs = sym_outer_l2(ea, eb, self.basis)  # (E, 6, 5)
         return torch.matmul(g, pairs)  # (E, F2, 5)
 
 
