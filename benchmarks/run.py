@@ -244,6 +244,7 @@ def run_case(case: dict, device_name: str, threads: int, budget: float) -> dict:
     """Measure one case in this process; returns the result row."""
     import torch
 
+    from e2ip.backbones.base import set_edge_chunk_size
     from e2ip.data.graph import graph_from_structures
 
     torch.set_num_threads(threads)
@@ -260,8 +261,6 @@ def run_case(case: dict, device_name: str, threads: int, budget: float) -> dict:
         graph = graph_from_structures(structs, 5.0, dtype).to(device)
         model = build(case["variant"], case["backbone"], case["system"], dtype, device)
         if "edge_chunk" in case:
-            from e2ip.backbones.base import set_edge_chunk_size
-
             set_edge_chunk_size(model, case["edge_chunk"])
         n_atoms = int(graph.n_atoms.sum())
         big, large = n_atoms > 50_000, n_atoms > 5_000
@@ -338,8 +337,6 @@ def run_case(case: dict, device_name: str, threads: int, budget: float) -> dict:
         graph = graph_from_structures(structs, 5.0, dtype).to(device)
         model = build("e2ip", case["backbone"], case["system"], dtype, device)
         # unchunked: edge-chunked graphs take the eager path, which would time eager twice
-        from e2ip.backbones.base import set_edge_chunk_size
-
         set_edge_chunk_size(model, 0)
         call = variant_call(model, graph, "e2ip")
         eager, compiled, extra = eager_then_compiled(call, model, device, budget)

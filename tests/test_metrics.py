@@ -184,12 +184,16 @@ def test_spearman_matches_scipy_and_is_nan_safe():
         stats.spearmanr(u, err)[0])
 
 
-def test_spearman_per_structure_by_hand():
-    rng = np.random.default_rng(6)
-    sizes = [3, 5, 2, 4, 6, 3]
+def _atoms_in_structures(seed: int, sizes: list[int]):
+    """(batch (N,), uncertainty u (N,), force errors (N, 3)) for structures of `sizes` atoms."""
+    rng = np.random.default_rng(seed)
     batch = np.repeat(np.arange(len(sizes)), sizes)
-    u = rng.uniform(size=batch.size)
-    err = rng.normal(size=(batch.size, D))
+    return batch, rng.uniform(size=batch.size), rng.normal(size=(batch.size, D))
+
+
+def test_spearman_per_structure_by_hand():
+    sizes = [3, 5, 2, 4, 6, 3]
+    batch, u, err = _atoms_in_structures(6, sizes)
     mean_u = [u[batch == b].mean() for b in range(len(sizes))]
     rmse = [np.sqrt((err[batch == b] ** 2).mean()) for b in range(len(sizes))]
     ref = stats.spearmanr(mean_u, rmse)[0]
@@ -198,11 +202,8 @@ def test_spearman_per_structure_by_hand():
 
 
 def test_per_structure_aggregates_by_loops():
-    rng = np.random.default_rng(16)
     sizes = [3, 5, 2, 4, 6, 1]
-    batch = np.repeat(np.arange(len(sizes)), sizes)
-    u = rng.uniform(size=batch.size)
-    err = rng.normal(size=(batch.size, D))
+    batch, u, err = _atoms_in_structures(16, sizes)
     reference = {"mean": np.mean, "max": np.max, "sum": np.sum}
     for aggregate, fn in reference.items():
         u_struct, rmse = metrics.per_structure(u, err, batch, aggregate)

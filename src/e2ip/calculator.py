@@ -35,7 +35,7 @@ from .data.neighbors import neighbor_list
 from .data.readers import check_elements
 from .data.structures import Structure
 from .errors import DataError
-from .potential import Potential, resolve_device, sigma_epistemic
+from .potential import Potential, resolve_device, sigma_from_trace
 
 #: skin (Å) used by default: the neighbour list is rebuilt only after an atom moved by skin / 2
 DEFAULT_SKIN = 1.0
@@ -188,7 +188,8 @@ class E2IPCalculator(Calculator):
         if stress:
             r["stress"] = full_3x3_to_voigt_6_stress(r["stress"])
         if covs:
-            r["forces_uncertainty"] = sigma_epistemic(r["forces_epistemic"])
+            r["forces_uncertainty"] = sigma_from_trace(
+                np.trace(r["forces_epistemic"], axis1=1, axis2=2))
             r["forces_std"] = np.sqrt(np.diagonal(r["forces_covariance"], axis1=1, axis2=2))
         self.results = r
 

@@ -229,27 +229,29 @@ def _model_path(path: str) -> Path:
     return p / "model.pt" if p.is_dir() else p
 
 
+def _read_with_options(args, path, **requirements):
+    """read_structures of `path` with the --energy-key/--forces-key/--*-unit options."""
+    from .data.readers import read_structures
+
+    return read_structures(path, energy_key=args.energy_key, forces_key=args.forces_key,
+                           energy_unit=args.energy_unit, length_unit=args.length_unit,
+                           **requirements)
+
+
 def _read_eval_data(args):
-    from .data.readers import read_structures, without_energies
+    from .data.readers import without_energies
 
     no_energy = args.energy_key.lower() in ("none", "null")
-    structures = read_structures(args.data, energy_key=args.energy_key,
-                                 forces_key=args.forces_key, energy_unit=args.energy_unit,
-                                 length_unit=args.length_unit, index=args.index,
-                                 require_energy=not no_energy)
+    structures = _read_with_options(args, args.data, index=args.index,
+                                    require_energy=not no_energy)
     return without_energies(structures) if no_energy else structures
 
 
 def _read_reference(args):
     """The --reference structures (every frame; energies and forces not needed), or None."""
-    from .data.readers import read_structures
-
     if not args.reference:
         return None
-    return read_structures(args.reference, energy_key=args.energy_key,
-                           forces_key=args.forces_key, energy_unit=args.energy_unit,
-                           length_unit=args.length_unit, require_energy=False,
-                           require_forces=False)
+    return _read_with_options(args, args.reference, require_energy=False, require_forces=False)
 
 
 def cmd_train(args) -> int:

@@ -18,7 +18,7 @@ from .data.structures import Structure
 from .data.units import energy_factor
 from .errors import ModelError
 from .files import atomic_write_text
-from .potential import Potential, traces
+from .potential import Potential, sigma_from_trace, traces
 from .predictive import Predictive, concatenate
 
 
@@ -200,14 +200,14 @@ def compute_metrics(c: Collected, units: str = "eV", form: str | None = None,
         ause_per_structure=float(unc["ause_per_structure"]) * conv,
         auc_worst10=float(unc["auc_worst10"]),
         aggregate=aggregate,
-        mean_epistemic=float(torch.sqrt(u.u_epi / 3).mean()) * conv,
-        mean_aleatoric=float(torch.sqrt(u.u_ale / 3).mean()) * conv,
+        mean_epistemic=float(sigma_from_trace(u.u_epi).mean()) * conv,
+        mean_aleatoric=float(sigma_from_trace(u.u_ale).mean()) * conv,
     )
     if reference is not None:
         out["auc_reference"] = float(auc_ref)
     arrays["pit"] = np.asarray(unc["pit"])
     arrays["coverage_curve"] = M.coverage_curve(arrays["pit"])
-    arrays["sigma_epi"] = (torch.sqrt(u.u_epi / 3) * conv).numpy()
+    arrays["sigma_epi"] = (sigma_from_trace(u.u_epi) * conv).numpy()
     arrays["error_norm"] = ((c.forces - c.forces_ref).norm(dim=-1) * conv).numpy()
     arrays["u_structure"] = unc["u_structure"]
     arrays["rmse_structure"] = unc["rmse_structure"] * conv

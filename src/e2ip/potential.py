@@ -153,14 +153,13 @@ def traces(covs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sigma_epi = sqrt(u_epi / 3) (eV/Å); all (N,)."""
     u_epi = trace(covs["epistemic"])
     u_ale = trace(covs["aleatoric"])
-    return {"u_epi": u_epi, "u_ale": u_ale, "sigma_epi": sigma_epistemic(covs["epistemic"])}
+    return {"u_epi": u_epi, "u_ale": u_ale, "sigma_epi": sigma_from_trace(u_epi)}
 
 
-def sigma_epistemic(epistemic):
-    """The paper's scalar force uncertainty sqrt(tr U_epi / 3) (eV/Å), (N,), of epistemic
-    covariances (N, 3, 3) in (eV/Å)^2; a torch tensor or a numpy array."""
-    u_epi = epistemic[..., 0, 0] + epistemic[..., 1, 1] + epistemic[..., 2, 2]
-    return (u_epi / 3) ** 0.5
+def sigma_from_trace(u):
+    """The paper's scalar force uncertainty sqrt(u / 3) (eV/Å) of a covariance trace u, e.g.
+    u_epi = tr U_epi in (eV/Å)^2; a torch tensor or a numpy array of any shape."""
+    return (u / 3) ** 0.5
 
 
 class Potential(nn.Module):
