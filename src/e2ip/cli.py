@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="held-out data with forces (validation set)")
     p.add_argument("--out", default=None, help="where to write the calibrated model "
                    "(default: overwrite MODEL)")
+    p.add_argument("--feature-distance", metavar="TRAIN", default=None,
+                   help="first switch an e2IP model to `evidence: feature_distance`, fitted on "
+                   "TRAIN (the data it was trained on): its epistemic part then grows with each "
+                   "atom's distance from the training data (docs/uncertainty_under_shift.md)")
     _add_read_options(p)
 
     p = sub.add_parser("compare", help="evaluate several models side by side")
@@ -312,7 +316,14 @@ def cmd_calibrate(args) -> int:
 
     path = _model_path(args.model)
     model = load_model(path)
+    if args.feature_distance:
+        train = _read_with_options(args, args.feature_distance, require_energy=False)
+        model = model.with_feature_distance(train, batch_size=args.batch_size)
+        print(f"feature distance fitted on {len(train)} structures of {args.feature_distance}")
     value = model.calibrate(_read_eval_data(args), batch_size=args.batch_size)
+    extra = model.calibration() or {}
+    if "epistemic_scale" in extra:
+        print(f"{model.label()}: epistemic_scale = {extra['epistemic_scale']:.6g}")
     unit = " (eV/Å)^2" if model.calibration_method == "variance_floor" else ""
     print(f"{model.label()}: {model.calibration_method} = {value:.6g}{unit}")
     out = Path(args.out) if args.out else path

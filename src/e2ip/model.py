@@ -10,7 +10,7 @@ import torch
 from .backbones import get_backbone
 from .backbones.base import scatter_sum
 from .bias import UncertaintyBias
-from .calibration import fit_variance_scale
+from .calibration import fit_variance_and_epistemic_scale, fit_variance_scale
 from .data.graph import AtomicGraph
 from .errors import DataError, ModelError
 from .heads import FeatureDims, get_head
@@ -52,6 +52,8 @@ class PotentialModel(Potential):
         self.register_buffer("reference_energies", ref.to(torch.float64))
         # post-hoc variance calibration (1 = none): every predictive covariance is multiplied by it
         self.register_buffer("variance_scale", torch.ones((), dtype=torch.float64))
+        # and, for heads that scale their epistemic part on their own, its factor (1 = none)
+        self.register_buffer("epistemic_scale", torch.ones((), dtype=torch.float64))
         lookup = torch.full((119,), -1, dtype=torch.long)
         lookup[torch.tensor(self.elements)] = torch.arange(len(self.elements))
         self.register_buffer("species_lookup", lookup, persistent=False)
@@ -227,6 +229,8 @@ class PotentialModel(Potential):
                 "none": "plain"}.get(self.head_name, self.head_name)
         if self.head_name == "e2ip" and not getattr(self.head.hparams, "damping", True):
             head = "e2IP w/o damping"
+        if self.head_name == "e2ip" and self.head.uses_feature_statistics:
+            head += "-FD"  # feature-distance evidence
         return f"{head} ({self.backbone_name})"
 
     # -- uncertainty and its calibration --------------------------------------------------------
@@ -237,48 +241,114 @@ class PotentialModel(Potential):
     def calibration_value(self) -> float:
         return float(self.variance_scale)
 
-    def _factor(self, form: str | None) -> float:
-        return 1.0 if self.resolve_form(form) == "raw" else float(self.variance_scale)
+    def calibration(self) -> dict[str, Any] | None:
+        out = super().calibration()
+        if out is not None and self.head.scales_epistemic:
+            out["epistemic_scale"] = float(self.epistemic_scale)
+        return out
+
+    def _form_params(self, params, form: str | None) -> tuple[dict, float]:
+        """The head parameters of `form` and the factor on every covariance: in the form 'cal',
+        the epistemic part scaled by `epistemic_scale` (for heads that scale it) and the
+        variance scale."""
+        if self.resolve_form(form) == "raw":
+            return params, 1.0
+        if self.head.scales_epistemic:
+            params = self.head.scale_epistemic(params, float(self.epistemic_scale))
+        return params, float(self.variance_scale)
 
     def predictive(self, params, forces, form: str | None = None):
         """Per-atom predictive distribution (e2ip.predictive), or None without uncertainty.
 
-        form: 'raw' (the head's own), 'cal' (with the fitted variance scale), None: 'cal' when
+        form: 'raw' (the head's own), 'cal' (with the fitted calibration), None: 'cal' when
         calibrated."""
-        pred = self.head.predictive(params, forces)
-        if pred is None:
+        if not self.head.has_uncertainty:
             return None
-        factor = self._factor(form)
+        params, factor = self._form_params(params, form)
+        pred = self.head.predictive(params, forces)
         return pred if factor == 1.0 else pred.scaled(factor)
 
     def covariances(self, params, forces, form: str | None = None) -> dict[str, torch.Tensor]:
         """(N, 3, 3) `aleatoric`, `epistemic`, `predictive` covariances in (eV/Å)^2 (and the
-        head's extras, e.g. `sigma0`), multiplied by the variance scale in the form 'cal'."""
+        head's extras, e.g. `sigma0`), with the fitted calibration in the form 'cal'."""
+        if not self.head.has_uncertainty:
+            return {}
+        params, factor = self._form_params(params, form)
         covs = self.head.covariances(params, forces)
-        if not covs:
-            return covs
-        factor = self._factor(form)
         return covs if factor == 1.0 else {k: v * factor for k, v in covs.items()}
 
     def _fit_calibration(self, batches) -> float:
-        """Variance scale minimising the mean predictive NLL on the held-out batches.
+        """Variance scale minimising the mean predictive NLL on the held-out batches (with the
+        epistemic scale beside it for heads that scale their epistemic part on their own).
 
         Why: the head's scale is learned against the errors of the weights being trained, while
         predictions use the weight-averaged (EMA) weights; one scalar removes that mismatch."""
-        pred = concatenate([self.head.predictive(out["params"], out["forces"])
-                            for _, out in batches])
-        ref = torch.cat([g.forces.to(pred.loc.dtype) for g, _ in batches])
-        factor = fit_variance_scale(pred.detached(), ref.double())
+        ref = torch.cat([g.forces for g, _ in batches]).double()
+
+        def predictive_for(epistemic_scale: float):
+            return concatenate([self.head.predictive(
+                self.head.scale_epistemic(out["params"], epistemic_scale), out["forces"])
+                for _, out in batches])
+
+        if self.head.scales_epistemic:
+            factor, epistemic = fit_variance_and_epistemic_scale(predictive_for, ref)
+            self.epistemic_scale.fill_(epistemic)
+        else:
+            pred = concatenate([self.head.predictive(out["params"], out["forces"])
+                                for _, out in batches])
+            factor = fit_variance_scale(pred.detached(), ref)
         self.variance_scale.fill_(factor)
         return factor
 
+    def with_feature_distance(self, train_structures, batch_size: int = 32) -> PotentialModel:
+        """A copy of this e2IP model with `evidence: feature_distance`, its feature distance
+        fitted on `train_structures` (the data it was trained on) and uncalibrated. Training is
+        the same with either evidence (the distance is 1 until fitted), so this equals training
+        with `evidence: feature_distance` from the start."""
+        if self.head_name != "e2ip":
+            raise ModelError(f"the feature-distance evidence needs an e2IP head; {self.label()} "
+                             "has none")
+        spec = self.spec()
+        spec["head_options"] = {**spec["head_options"], "evidence": "feature_distance"}
+        model = type(self).from_spec(spec).to(device=self.device, dtype=self.dtype)
+        state = {k: v for k, v in self.state_dict().items()
+                 if not k.startswith("head.feature_distance.")}
+        state["variance_scale"] = torch.ones((), dtype=torch.float64)
+        state["epistemic_scale"] = torch.ones((), dtype=torch.float64)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.startswith("head.feature_distance.") for k in missing)
+        model.fit_training_statistics(train_structures, batch_size)
+        return model.eval()
+
+    @torch.no_grad()
+    def fit_training_statistics(self, structures, batch_size: int = 32) -> int | None:
+        """Fit what the head needs from the training data (its atoms' backbone features; e.g.
+        the feature distance of e2IP with `evidence: feature_distance`); returns the number of
+        atoms used, or None for a head that needs nothing."""
+        if not self.head.uses_feature_statistics:
+            return None
+        was_training = self.training
+        self.eval()
+
+        def features():
+            for g in self.graphs(structures, batch_size):
+                species = self.species(g.numbers)
+                yield self.backbone(species, g.edge_index, g.edge_vectors(g.positions.to(
+                    self.dtype)), g.batch, g.num_graphs)
+
+        try:
+            return self.head.fit_feature_statistics(features())
+        finally:
+            self.train(was_training)
+
     def _extra_predictions(self, out, covs, form) -> dict[str, torch.Tensor]:
-        """For the e2IP head: `sigma0` (N, 3, 3), the evidence `kappa`, `nu` (N,), and the
+        """For the e2IP head: `sigma0` (N, 3, 3), the evidence `kappa`, `nu` (N,) (and the
+        `feature_distance` r (N,) with `evidence: feature_distance`), and the
         predictive Student-t's `t_scale` (N, 3, 3) and `t_dof` (N,) (its location is `forces`)."""
         extra = {}
         if "sigma0" in covs:
             extra["sigma0"] = covs["sigma0"]
-        for key in ("kappa", "nu"):
+        for key in ("kappa", "nu", "feature_distance"):
             if key in out["params"]:
                 extra[key] = out["params"][key]
         pred = self.predictive(out["params"], out["forces"], form)
@@ -287,6 +357,6 @@ class PotentialModel(Potential):
         return extra
 
     def _upgrade_state(self, state: dict) -> None:
-        if "variance_scale" not in state:  # files written before the calibration existed
-            state["variance_scale"] = torch.ones((), dtype=torch.float64)
+        for key in ("variance_scale", "epistemic_scale"):  # files written before they existed
+            state.setdefault(key, torch.ones((), dtype=torch.float64))
 

@@ -8,6 +8,10 @@ uses only what :class:`Potential` declares and never asks which kind it holds:
 - ``covariances(params, forces, form)`` -> (N, 3, 3) ``aleatoric``, ``epistemic``,
   ``predictive`` in (eV/Å)^2 (empty without uncertainty);
 - ``predictive(params, forces, form)`` -> the per-atom predictive distribution, or None;
+- ``fit_training_statistics(structures)`` fits what the uncertainty needs from the training
+  data once after training (a no-op for most kinds);
+- ``with_feature_distance(train)``: a copy whose epistemic part knows how far each atom is from
+  the training data (e2IP only);
 - ``calibrate(structures)`` fits the kind's post-hoc calibration on held-out data; ``calibrated``,
   ``calibration()`` describe it; ``form`` is ``"raw"`` (the model's own uncertainty) or ``"cal"``
   (with the fitted calibration); None means ``"cal"`` when calibrated, else ``"raw"``;
@@ -215,6 +219,17 @@ class Potential(nn.Module):
         """Fit and store the calibration from raw forward outputs on held-out graphs (with
         reference forces); return the fitted value."""
         raise NotImplementedError
+
+    def fit_training_statistics(self, structures, batch_size: int = 32) -> int | None:
+        """Fit what the uncertainty needs from the training structures, once after training;
+        returns the number of atoms used, or None when the kind needs nothing (default)."""
+        return None
+
+    def with_feature_distance(self, train_structures, batch_size: int = 32) -> Potential:
+        """A copy whose epistemic part grows with the distance of each atom's features from
+        `train_structures` (e2IP's `evidence: feature_distance`); kinds without it refuse."""
+        raise ModelError(f"the feature-distance evidence needs an e2IP head; {self.label()} has "
+                         "none")
 
     def energy_uncertainty(self, params) -> torch.Tensor | None:
         """Per-structure energy uncertainty (B,) in eV where the kind has one (default: none)."""

@@ -28,12 +28,18 @@ class Head(nn.Module):
     - ``loss(params, forces, forces_ref) -> dict`` with per-atom ``loss`` (N,) and its parts,
     - ``predictive(params, forces) -> Predictive`` (None for a head without uncertainty),
     - ``covariances(params, forces) -> dict`` of (N, 3, 3) ``aleatoric``, ``epistemic``,
-      ``predictive`` covariances (eV/Å)^2 (empty without uncertainty).
+      ``predictive`` covariances (eV/Å)^2 (empty without uncertainty);
+    - for heads whose uncertainty needs statistics of the training data (``uses_feature_statistics``):
+      ``fit_feature_statistics(batches)`` with the training atoms' backbone features;
+    - for heads whose epistemic part the calibration scales on its own (``scales_epistemic``):
+      ``scale_epistemic(params, t)``, the parameters with the epistemic covariance times t.
     """
 
     name: ClassVar[str] = ""
     Hyperparameters: ClassVar[type] = object
     has_uncertainty: ClassVar[bool] = True
+    uses_feature_statistics: bool = False
+    scales_epistemic: bool = False
 
     def __init__(self, dims: FeatureDims, force_scale: float, hparams):
         super().__init__()
@@ -61,6 +67,15 @@ class Head(nn.Module):
 
     def covariances(self, params, forces) -> dict[str, torch.Tensor]:
         return {}
+
+    def fit_feature_statistics(self, batches) -> int:
+        """Fit what the head needs from the training atoms' features (an iterable of
+        :class:`BackboneOutput`); returns the number of atoms seen."""
+        raise NotImplementedError(f"the {self.name!r} head uses no training statistics")
+
+    def scale_epistemic(self, params, factor: float) -> dict[str, torch.Tensor]:
+        """`params` with the epistemic covariance multiplied by `factor`."""
+        raise NotImplementedError(f"the {self.name!r} head cannot scale its epistemic part")
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from ..backbones.base import BackboneOutput, mlp
 from ..losses import niw_nll, niw_regularizer
 from ..predictive import StudentT
 from .base import FeatureDims, Head
+from .feature_distance import FeatureDistance
 from .spd import damp_norm, damp_scalar, expm_symmetric, l2_basis, l2_to_matrix, sym_outer_l2
 
 D = 3
@@ -26,7 +28,12 @@ class E2IPHyperparameters:
     i.e. a predicted force std >= 0.08 sigma_F, while the errors were 0.05 sigma_F, giving
     Coverage@95 0.99 and CE 0.35); the scalar sets only the overall scale, the condition number is
     bounded by the 2e damping (tau2, cmax2) alone.
-    reg_weight: lambda of the evidence regulariser; nll_weight: weight of the NLL."""
+    reg_weight: lambda of the evidence regulariser; nll_weight: weight of the NLL.
+    evidence: "learned" (the paper's e2IP: kappa from the readout alone) or "feature_distance"
+    (kappa_i / r_i, r_i the distance of atom i's invariant features from the training atoms',
+    :mod:`e2ip.heads.feature_distance`, fitted once after training; the calibration then fits
+    the epistemic part's scale beside the overall one); feature_ridge: the ridge lambda of that
+    distance (relative to the mean feature variance)."""
 
     hidden: int = 64
     tensor_channels: int = 8
@@ -39,6 +46,11 @@ class E2IPHyperparameters:
     nu_margin: float = 1.0
     reg_weight: float = 0.01
     nll_weight: float = 1.0
+    evidence: Literal["learned", "feature_distance"] = "learned"
+    feature_ridge: float = 1e-3
+
+
+EVIDENCE = ("learned", "feature_distance")
 
 
 class E2IPHead(Head):
@@ -54,6 +66,12 @@ class E2IPHead(Head):
 
     def __init__(self, dims: FeatureDims, force_scale: float, hparams: E2IPHyperparameters):
         super().__init__(dims, force_scale, hparams)
+        if hparams.evidence not in EVIDENCE:
+            raise ValueError(f"e2ip head: evidence must be one of {', '.join(EVIDENCE)}, got "
+                             f"{hparams.evidence!r}")
+        self.uses_feature_statistics = self.scales_epistemic = hparams.evidence != "learned"
+        if self.uses_feature_statistics:
+            self.feature_distance = FeatureDistance(dims.num_scalars, hparams.feature_ridge)
         k = hparams.tensor_channels
         self.use_native_l2 = dims.num_tensors > 0
         if self.use_native_l2:
@@ -98,12 +116,26 @@ class E2IPHead(Head):
         a_mat = (self.s_ref + c0)[:, None, None] * eye + l2_to_matrix(c2, basis)
         kappa = nn.functional.softplus(z_kappa) + hp.kappa_min
         nu = nn.functional.softplus(z_nu) + D + 1 + hp.nu_margin
-        return {"A": a_mat, "c0": c0, "c2": c2, "kappa": kappa, "nu": nu}
+        params = {"A": a_mat, "c0": c0, "c2": c2, "kappa": kappa, "nu": nu}
+        if self.uses_feature_statistics:  # a Python constant of the head: no branching on data
+            distance = self.feature_distance(features.scalars)
+            params["feature_distance"] = distance
+            params["learned_kappa"] = kappa  # what the loss trains
+            params["kappa"] = kappa / distance
+        return params
+
+    def fit_feature_statistics(self, batches) -> int:
+        return self.feature_distance.fit(features.scalars for features in batches)
+
+    def scale_epistemic(self, params, factor: float) -> dict[str, torch.Tensor]:
+        # U_epi = U_ale / kappa: t U_epi is kappa / t; the aleatoric part keeps nu and Sigma0
+        return {**params, "kappa": params["kappa"] / factor}
 
     def loss(self, params, forces, forces_ref):
         hp = self.hparams
         error = forces_ref - forces
-        a_mat, kappa, nu = params["A"], params["kappa"], params["nu"]
+        a_mat, nu = params["A"], params["nu"]
+        kappa = params.get("learned_kappa", params["kappa"])
         trace_a = a_mat.diagonal(dim1=-2, dim2=-1).sum(-1)
         nll = niw_nll(error, trace_a, self.expm(-a_mat), kappa, nu)
         reg = niw_regularizer(error, kappa, nu, self.force_scale)

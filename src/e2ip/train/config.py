@@ -163,6 +163,8 @@ def _type_ok(value, hint) -> bool:
         return any(_type_ok(value, h) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
@@ -189,6 +191,8 @@ def _float_or_same(text: str):
 
 
 def _type_name(hint) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 

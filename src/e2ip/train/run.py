@@ -99,6 +99,9 @@ def run_training(cfg: Config, out_dir: str | Path, resume: bool = False, force: 
                             extra_callbacks=extra_callbacks, base=base)
     if not is_global_zero():  # the process group now exists: its rank decides
         return {}
+    atoms = model.fit_training_statistics(data.train, batch_size=cfg.data.eval_batch_size)
+    if atoms:
+        log.info("training statistics of the uncertainty head fitted on %d atoms", atoms)
     if cfg.training.recalibrate and model.has_uncertainty:
         value = model.calibrate(data.validation, batch_size=cfg.data.eval_batch_size)
         log.info("calibration (%s) fitted on the validation set: %.4g",

@@ -1,0 +1,215 @@
+"""The report of experiments/uncertainty_shift.py: every method on every test set, mean ± std over
+the seeds, written to docs/results/uncertainty_shift_<dataset>.{json,md}."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+from uncertainty_shift import DATA, RESULTS, ROOT, run_dir
+
+from e2ip.data.readers import read_structures
+from e2ip.evaluation import evaluate, time_per_atom_ms
+from e2ip.model import PotentialModel
+from e2ip.model_io import load_model
+from e2ip.train.config import load_config
+from e2ip.train.datasets import prepare_data
+
+#: (row label, trained method, form, post-hoc variant)
+ROWS = [
+    ("e2IP (paper, cal)", "e2ip", "cal", None),
+    ("e2IP (paper, raw)", "e2ip", "raw", None),
+    ("e2IP-FD (ours, cal)", "e2ip", "cal", "feature_distance"),
+    ("eIP (cal)", "eip", "cal", None),
+    ("Ensemble x5 (cal)", "ensemble", "cal", None),
+    ("Ensemble x5 (raw)", "ensemble", "raw", None),
+]
+KEYS = ["force_mae", "coverage_95", "calibration_error", "nll", "spearman",
+        "spearman_per_structure", "auc_worst10", "ause_per_structure", "auc_reference"]
+HEADERS = {"force_mae": "MAE (eV/Å)", "coverage_95": "Cov@95", "calibration_error": "CE",
+           "nll": "NLL", "spearman": "ρ atom", "spearman_per_structure": "ρ struct",
+           "auc_worst10": "AUC worst10", "ause_per_structure": "AUSE struct",
+           "auc_reference": "AUC shift"}
+
+
+def test_sets(dataset: str, data) -> tuple[dict[str, list], str]:
+    """{name: structures} and the name of the in-distribution set (the shift reference)."""
+    if dataset == "ethanol":
+        d = DATA / "ethanol_botnet"
+        return {
+            "in distribution (test_MD)": read_structures(d / "test_MD.xyz"),
+            "methanol (test_eth_meth :145)": read_structures(d / "test_eth_meth.xyz",
+                                                             index=":145"),
+            "H removal (no labels)": read_structures(d / "test_H_removal.xyz",
+                                                     require_energy=False, require_forces=False),
+        }, "in distribution (test_MD)"
+    d = DATA / "3bpa"
+    seen = {np.round(s.positions, 5).tobytes() for s in read_structures(d / "train_300K.xyz")}
+    mixed = [s for s in read_structures(d / "train_mixedT.xyz")
+             if np.round(s.positions, 5).tobytes() not in seen]
+    return {"in distribution (300 K, held out)": list(data.test),
+            "mixed T (300/600/1200 K, unseen)": mixed}, "in distribution (300 K, held out)"
+
+
+def kappa_diagnosis(model, structures) -> dict[str, float]:
+    """How much of the paper's u_epi = tr(U_ale) / kappa is the aleatoric shape: the spread of
+    log kappa against that of log u_ale, and their rank correlation over atoms."""
+    p = model.predict(structures, form="raw")
+    return {"std_log_kappa": float(np.log(p["kappa"]).std()),
+            "std_log_u_ale": float(np.log(p["u_ale"]).std()),
+            "spearman_u_epi_u_ale": float(stats.spearmanr(p["u_epi"], p["u_ale"])[0]),
+            "mean_kappa": float(p["kappa"].mean())}
+
+
+def models_of(dataset: str, seed: int, data):
+    """{(method, variant): model} for the finished runs of one seed."""
+    out = {}
+    for method in ("e2ip", "eip", "ensemble"):
+        path = run_dir(dataset, method, seed) / "model.pt"
+        if not path.exists():
+            continue
+        model = load_model(path)
+        out[(method, None)] = model
+        if method == "e2ip":
+            fd = model.with_feature_distance(data.train)
+            fd.calibrate(data.validation)
+            out[(method, "feature_distance")] = fd
+    return out
+
+
+def train_seconds(dataset: str, method: str, seed: int) -> float | None:
+    path = run_dir(dataset, method, seed) / "train_seconds.json"
+    return json.loads(path.read_text())["seconds"] if path.exists() else None
+
+
+def timings(dataset: str, models: dict, structures: list) -> dict[str, float]:
+    """Inference ms/atom (energy, forces, every covariance), one thread, batch 32, beside a
+    bare model of the same backbone (head none, untrained: the cost does not depend on the
+    weights)."""
+    torch.set_num_threads(1)
+    e2ip = models[("e2ip", None)]
+    spec = {**e2ip.spec(), "head": "none", "head_options": {}}
+    bare = PotentialModel.from_spec(spec).eval()
+    out = {"bare": time_per_atom_ms(bare, structures)}
+    for (method, variant), model in models.items():
+        out[method + ("-" + variant if variant else "")] = time_per_atom_ms(model, structures)
+    return out
+
+
+def report(dataset: str, seeds: list[int], timing: bool = False) -> None:
+    torch.set_num_threads(1)
+    cfg = load_config(ROOT / "experiments" / "configs" / f"shift_{dataset}.yaml")
+    cwd = Path.cwd()
+    import os
+
+    os.chdir(ROOT)  # the config's data paths are relative to the project root
+    try:
+        data = prepare_data(cfg.data)
+    finally:
+        os.chdir(cwd)
+    sets, reference = test_sets(dataset, data)
+    results: dict = {"dataset": dataset, "seeds": seeds, "rows": {}, "kappa": [],
+                     "train_seconds": {}, "time_per_atom_ms": None,
+                     "sets": {k: len(v) for k, v in sets.items()},
+                     "machine": f"{platform.processor() or platform.machine()}, 1 torch thread"}
+    start = time.time()
+    for seed in seeds:
+        models = models_of(dataset, seed, data)
+        if ("e2ip", None) in models:
+            results["kappa"].append(kappa_diagnosis(models[("e2ip", None)], sets[reference]))
+        for method in ("e2ip", "eip", "ensemble"):
+            results["train_seconds"].setdefault(method, []).append(
+                train_seconds(dataset, method, seed))
+        for label, method, form, variant in ROWS:
+            model = models.get((method, variant))
+            if model is None:
+                continue
+            row = results["rows"].setdefault(label, {})
+            for name, structures in sets.items():
+                labelled = structures[0].forces is not None
+                ref = sets[reference] if name != reference else None
+                if labelled:
+                    metrics, _ = evaluate(model, structures, form=form, reference=ref)
+                else:  # shift detection only: the metrics need labels, auc_reference does not
+                    metrics = {"auc_reference": _auc_only(model, structures, ref, form)}
+                row.setdefault(name, []).append({k: metrics.get(k) for k in KEYS})
+        print(f"seed {seed}: {time.time() - start:.0f} s", flush=True)
+        if timing and seed == seeds[0] and ("e2ip", None) in models:
+            results["time_per_atom_ms"] = timings(dataset, models, sets[reference][:256])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"uncertainty_shift_{dataset}"
+    if not timing and stem.with_suffix(".json").exists():  # keep the last measured timings
+        results["time_per_atom_ms"] = json.loads(stem.with_suffix(".json").read_text()).get(
+            "time_per_atom_ms")
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    stem.with_suffix(".md").write_text(markdown(results, sets, reference))
+    print(f"written {stem}.json and .md")
+
+
+def _auc_only(model, structures, reference, form) -> float:
+    from e2ip import metrics as M
+    from e2ip.evaluation import collect
+
+    c, r = collect(model, structures, forms=[form]), collect(model, reference, forms=[form])
+    u, _ = M.per_structure(c.forms[form].u_epi, c.forces, c.batch, "mean")
+    u_ref, _ = M.per_structure(r.forms[form].u_epi, r.forces, r.batch, "mean")
+    return M.auc_reference(u, u_ref)
+
+
+def _cell(values: list) -> str:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return ""
+    mean = float(np.mean(values))
+    digits = 3 if abs(mean) < 10 else 1
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {float(np.std(values)):.{digits}f}"
+
+
+def markdown(results: dict, sets: dict, reference: str) -> str:
+    lines = [f"# Uncertainty under distribution shift: {results['dataset']}", "",
+             f"Seeds {results['seeds']} (mean ± std over the seeds that finished); "
+             f"{results['machine']}. Made by `python experiments/uncertainty_shift.py report "
+             f"--dataset {results['dataset']}`. Per-structure uncertainty: mean of the per-atom "
+             "u_epi. AUC shift: ROC-AUC for telling the set's structures from the "
+             f"in-distribution set ({reference}) by that uncertainty.", ""]
+    for name in sets:
+        keys = [k for k in KEYS if k != "auc_reference" or name != reference]
+        lines += [f"## {name} ({results['sets'][name]} structures)", "",
+                  "| method | n | " + " | ".join(HEADERS[k] for k in keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
+        for label, per_set in results["rows"].items():
+            runs = per_set.get(name, [])
+            if not runs:
+                continue
+            cells = [_cell([r[k] for r in runs]) for k in keys]
+            if all(c == "" for c in cells):
+                continue
+            lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if results["kappa"]:
+        k = results["kappa"]
+        lines += ["## Where the paper's u_epi comes from", "",
+                  f"On the in-distribution set, over atoms: std(log kappa) = "
+                  f"{_cell([x['std_log_kappa'] for x in k])}, std(log u_ale) = "
+                  f"{_cell([x['std_log_u_ale'] for x in k])}, mean kappa = "
+                  f"{_cell([x['mean_kappa'] for x in k])}; Spearman(u_epi, u_ale) = "
+                  f"{_cell([x['spearman_u_epi_u_ale'] for x in k])}.", ""]
+    lines += ["## Cost", "", "| method | training s (1 thread) | inference ms/atom |",
+              "|---|---|---|"]
+    timing = results.get("time_per_atom_ms") or {}
+    for method, secs in results["train_seconds"].items():
+        lines.append(f"| {method} | {_cell(secs)} | "
+                     f"{timing.get(method, float('nan')):.3f} |")
+    if timing:
+        lines.append(f"| e2ip-feature_distance | (the e2ip run + one forward pass over the "
+                     f"training set) | {timing.get('e2ip-feature_distance', float('nan')):.3f} |")
+        lines.append(f"| bare PaiNN (head none) | | {timing['bare']:.3f} |")
+    return "\n".join(lines) + "\n"
