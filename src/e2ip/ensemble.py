@@ -5,6 +5,12 @@ Predictive: Gaussian N(mu, U_epi + floor I) with floor = `raw_floor` (tiny, form
 fitted `calibration_variance` s^2 (form "cal"), chosen on the validation set by bisection so that
 Coverage@95 is 0.95 (`calibrate`, :func:`e2ip.calibration.fit_calibration_floor`).
 
+A heteroskedastic ensemble (members with an uncertainty head, e.g. "mve"): the aleatoric part is
+the mean of the members' predictive covariances, U_ale = 1/M sum_m C_m, and the predictive the
+moment-matched mixture N(mu, U_epi + U_ale) (+ raw_floor I); its calibration multiplies both by
+one variance scale fitted by NLL on the validation set, as for single models (a floor can only
+widen, and these members can also be too wide). Such members run one by one (no vmap).
+
 The members run in one batched pass: their parameters are stacked along a leading member axis and
 the backbone is evaluated with ``torch.func.functional_call`` under ``torch.vmap``; the forces are
 ``-torch.func.grad`` of the energy with respect to the (shared) positions, vmapped over members.
@@ -25,12 +31,12 @@ from torch import nn
 
 from .backbones.base import scatter_sum
 from .bias import UncertaintyBias
-from .calibration import fit_calibration_floor
+from .calibration import fit_calibration_floor, fit_variance_scale
 from .data.graph import AtomicGraph
 from .errors import ModelError
 from .model import PotentialModel
 from .potential import Potential, detached_outputs, trace
-from .predictive import Gaussian
+from .predictive import Gaussian, concatenate
 
 D = 3
 RAW_FLOOR = 1e-8  # (eV/Å)^2: the "eps I" of the raw ensemble
@@ -58,6 +64,8 @@ class Ensemble(Potential):
         for m in members[1:]:
             if m.elements != first.elements or m.cutoff != first.cutoff:
                 raise ModelError("ensemble members must share elements (same order) and cutoff")
+            if m.has_uncertainty != first.has_uncertainty:
+                raise ModelError("ensemble members must all have an uncertainty head or none")
         self.members = nn.ModuleList(members)
         self.elements = list(first.elements)
         self.cutoff = float(first.cutoff)
@@ -86,8 +94,18 @@ class Ensemble(Potential):
     def calibration_value(self) -> float:
         return float(self.calibration_variance)
 
+    @property
+    def heteroskedastic(self) -> bool:
+        """Whether the members predict their own (aleatoric) uncertainty."""
+        return self.members[0].has_uncertainty
+
+    @property
+    def calibration_method(self) -> str:  # type: ignore[override]
+        return "variance_scale" if self.heteroskedastic else "variance_floor"
+
     def label(self) -> str:
-        return f"Ensemble x{self.num_members} ({self.backbone_name})"
+        kind = "Het. ensemble" if self.heteroskedastic else "Ensemble"
+        return f"{kind} x{self.num_members} ({self.backbone_name})"
 
     def spec(self) -> dict[str, Any]:
         return {"members": [m.spec() for m in self.members], "raw_floor": self.raw_floor,
@@ -113,6 +131,8 @@ class Ensemble(Potential):
             return [(n, tuple(t.shape), t.dtype) for n, t in
                     list(m.backbone.named_parameters()) + list(m.backbone.named_buffers())]
 
+        if self.heteroskedastic:  # the members' heads run in their own forward
+            return False
         ref = layout(self.members[0])
         return all(layout(m) == ref and type(m.backbone) is type(self.members[0].backbone)
                    for m in self.members[1:])
@@ -184,7 +204,11 @@ class Ensemble(Potential):
         atomic = torch.stack([o["atomic_energies"] for o in outs])
         forces = torch.stack([o["forces"] for o in outs]) if compute_forces else None
         stress = torch.stack([o["stress"] for o in outs]).mean(0) if compute_stress else None
-        return energy, forces, atomic, stress
+        covs = None
+        if self.heteroskedastic and compute_forces:  # (M, N, 3, 3): each member's own
+            covs = torch.stack([m.covariances(o["params"], o["forces"], "raw")["predictive"]
+                                for m, o in zip(self.members, outs, strict=True)])
+        return energy, forces, atomic, stress, covs
 
     def forward(self, graph: AtomicGraph, compute_forces: bool = True,
                 create_graph: bool | None = None, compute_stress: bool = False,
@@ -205,17 +229,19 @@ class Ensemble(Potential):
         result = None
         if batched and not compute_stress and not self._vmap_failed and self.can_batch():
             try:
-                result = (*self._forward_batched(graph, compute_forces, create_graph), None)
+                result = (*self._forward_batched(graph, compute_forces, create_graph), None, None)
             except (RuntimeError, NotImplementedError) as exc:  # a backbone vmap cannot handle
                 self._vmap_failed = True
                 warnings.warn(f"ensemble: batched (vmap) evaluation failed ({exc}); "
                               "evaluating the members one by one from now on", stacklevel=2)
         if result is None:
             result = self._forward_loop(graph, compute_forces, create_graph, compute_stress)
-        energy, forces, atomic, stress = result
+        energy, forces, atomic, stress, member_covariances = result
         params = {"member_energy": energy}
         if forces is not None:
             params["member_forces"] = forces
+        if member_covariances is not None:
+            params["member_covariances"] = member_covariances
         out = {"energy": energy.mean(0), "forces": None if forces is None else forces.mean(0),
                "atomic_energies": atomic.mean(0), "params": params}
         if stress is not None:
@@ -256,10 +282,17 @@ class Ensemble(Potential):
         return torch.einsum("mni,mnj->nij", dev, dev) / member_forces.shape[0]
 
     def covariances(self, params, forces=None, form: str | None = None) -> dict[str, torch.Tensor]:
-        """epistemic U_epi, aleatoric floor I, predictive their sum; all (N, 3, 3)."""
+        """epistemic U_epi, aleatoric floor I (or the members' mean covariance, times the
+        variance scale in the form 'cal'), predictive their sum; all (N, 3, 3)."""
         epistemic = self.epistemic(params["member_forces"])
         eye = torch.eye(D, dtype=epistemic.dtype, device=epistemic.device)
-        aleatoric = (self.floor(form) * eye).expand_as(epistemic).clone()
+        if self.heteroskedastic:
+            aleatoric = params["member_covariances"].mean(0) + self.raw_floor * eye
+            if self.resolve_form(form) == "cal":
+                scale = float(self.calibration_variance)
+                epistemic, aleatoric = scale * epistemic, scale * aleatoric
+        else:
+            aleatoric = (self.floor(form) * eye).expand_as(epistemic).clone()
         return {"aleatoric": aleatoric, "epistemic": epistemic,
                 "predictive": epistemic + aleatoric}
 
@@ -272,7 +305,15 @@ class Ensemble(Potential):
         self.calibration_variance.fill_(float(variance))
 
     def _fit_calibration(self, batches, target: float = 0.95, level: float = 0.95) -> float:
-        """s^2 such that N(mu, U_epi + s^2 I) covers `target` of the held-out atoms at `level`."""
+        """s^2 such that N(mu, U_epi + s^2 I) covers `target` of the held-out atoms at `level`;
+        for a heteroskedastic ensemble the variance scale of N(mu, U_epi + U_ale) by NLL."""
+        if self.heteroskedastic:
+            pred = concatenate([self.predictive(out["params"], out["forces"], "raw")
+                                for _, out in batches])
+            ref = torch.cat([g.forces for g, _ in batches]).to(pred.loc.dtype)
+            value = fit_variance_scale(pred.detached(), ref)
+            self.set_calibration_variance(value)
+            return value
         errors = torch.cat([g.forces.to(out["forces"].dtype) - out["forces"] for g, out in batches])
         epistemic = torch.cat([self.epistemic(out["params"]["member_forces"]) for _, out in batches])
         s = fit_calibration_floor(errors, epistemic, target=target, level=level)

@@ -226,7 +226,7 @@ class PotentialModel(Potential):
     def label(self) -> str:
         """A readable method name, e.g. 'e2IP (painn)'."""
         head = {"e2ip": "e2IP", "eip": "eIP", "cholesky": "e2IP w/o equiv.",
-                "none": "plain"}.get(self.head_name, self.head_name)
+                "none": "plain", "mve": "MVE"}.get(self.head_name, self.head_name)
         if self.head_name == "e2ip" and not getattr(self.head.hparams, "damping", True):
             head = "e2IP w/o damping"
         if self.head_name == "e2ip" and self.head.uses_feature_statistics:

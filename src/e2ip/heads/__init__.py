@@ -4,9 +4,10 @@ from .base import FeatureDims, Head, NoHead
 from .cholesky import CholeskyHead
 from .eip import EIPHead
 from .evidential import E2IPHead
+from .mve import MVEHead
 
 HEADS: dict[str, type[Head]] = {
-    cls.name: cls for cls in (NoHead, E2IPHead, EIPHead, CholeskyHead)
+    cls.name: cls for cls in (NoHead, E2IPHead, EIPHead, CholeskyHead, MVEHead)
 }
 
 
@@ -16,5 +17,5 @@ def get_head(name: str) -> type[Head]:
     return HEADS[name]
 
 
-__all__ = ["CholeskyHead", "E2IPHead", "EIPHead", "FeatureDims", "HEADS", "Head", "NoHead",
+__all__ = ["CholeskyHead", "E2IPHead", "EIPHead", "FeatureDims", "HEADS", "Head", "MVEHead", "NoHead",
            "get_head"]
