@@ -50,7 +50,6 @@ class Ensemble(Potential):
     """
 
     kind = "ensemble"
-    calibration_method = "variance_floor"
     has_uncertainty = True
 
     def __init__(self, members: Sequence[PotentialModel], *, raw_floor: float = RAW_FLOOR,
