@@ -101,3 +101,18 @@ def test_heteroskedastic_ensemble_trained_by_one_command(tmp_path):
     assert model.label().startswith("Het. ensemble x2")
     assert metrics["calibration"]["method"] == "variance_scale"
     assert metrics["variance_scale"] == pytest.approx(model.calibration_value(), rel=1e-6)
+
+
+def test_model_files_from_before_the_epistemic_scale_still_load(tmp_path):
+    """Files written before `epistemic_scale` existed (single models and ensembles) load, with
+    the scale 1 (no change to their uncertainty)."""
+    structures = read_structures(demo_data_path(test=True), index=":2")
+    for model in (_member(0), Ensemble([_member(1), _member(2)])):
+        model.save(tmp_path / "m.pt")
+        payload = torch.load(tmp_path / "m.pt", weights_only=True)
+        payload["state_dict"] = {k: v for k, v in payload["state_dict"].items()
+                                 if not k.endswith("epistemic_scale")}
+        torch.save(payload, tmp_path / "old.pt")
+        old = load_model(tmp_path / "old.pt")
+        np.testing.assert_allclose(old.predict(structures)["predictive"],
+                                   model.predict(structures)["predictive"], rtol=1e-12)

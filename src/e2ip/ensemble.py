@@ -118,6 +118,13 @@ class Ensemble(Potential):
                    batched=spec.get("batched"), chunk_size=spec.get("chunk_size"),
                    metadata=spec.get("metadata"))
 
+    def _upgrade_state(self, state: dict) -> None:
+        for k, member in enumerate(self.members):  # each member's entries, under its prefix
+            prefix = f"members.{k}."
+            sub = {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
+            member._upgrade_state(sub)
+            state.update({prefix + key: v for key, v in sub.items()})
+
     @classmethod
     def from_files(cls, paths: Sequence[str | os.PathLike], **kwargs) -> Ensemble:
         """An ensemble of member model files written by `e2ip train` (single models)."""
