@@ -26,6 +26,7 @@ ROWS = [
     ("e2IP (paper, cal)", "e2ip", "cal", None),
     ("e2IP (paper, raw)", "e2ip", "raw", None),
     ("e2IP-FD (ours, cal)", "e2ip", "cal", "feature_distance"),
+    ("e2IP-FD (ours, raw)", "e2ip", "raw", "feature_distance"),
     ("eIP (cal)", "eip", "cal", None),
     ("Ensemble x5 (cal)", "ensemble", "cal", None),
     ("Ensemble x5 (raw)", "ensemble", "raw", None),
@@ -181,7 +182,8 @@ def markdown(results: dict, sets: dict, reference: str) -> str:
              "u_epi. AUC shift: ROC-AUC for telling the set's structures from the "
              f"in-distribution set ({reference}) by that uncertainty.", ""]
     for name in sets:
-        keys = [k for k in KEYS if k != "auc_reference" or name != reference]
+        keys = [k for k in KEYS if any(r.get(k) is not None for per_set in results["rows"].values()
+                                       for r in per_set.get(name, []))]
         lines += [f"## {name} ({results['sets'][name]} structures)", "",
                   "| method | n | " + " | ".join(HEADERS[k] for k in keys) + " |",
                   "|---|---|" + "---|" * len(keys)]
