@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from runner import DATA, RESULTS, ROOT, train_seconds
 from scipy import stats
-from uncertainty_shift import DATA, RESULTS, ROOT, run_dir
+from uncertainty_shift import run_dir
 
 from e2ip.data.readers import read_structures
 from e2ip.evaluation import evaluate, time_per_atom_ms
@@ -84,9 +85,6 @@ def models_of(dataset: str, seed: int, data):
     return out
 
 
-def train_seconds(dataset: str, method: str, seed: int) -> float | None:
-    path = run_dir(dataset, method, seed) / "train_seconds.json"
-    return json.loads(path.read_text())["seconds"] if path.exists() else None
 
 
 def timings(dataset: str, models: dict, structures: list) -> dict[str, float]:
@@ -126,7 +124,7 @@ def report(dataset: str, seeds: list[int], timing: bool = False) -> None:
             results["kappa"].append(kappa_diagnosis(models[("e2ip", None)], sets[reference]))
         for method in ("e2ip", "eip", "ensemble"):
             results["train_seconds"].setdefault(method, []).append(
-                train_seconds(dataset, method, seed))
+                train_seconds(run_dir(dataset, method, seed)))
         for label, method, form, variant in ROWS:
             model = models.get((method, variant))
             if model is None:

@@ -19,16 +19,13 @@ Data sets (paths relative to the project root, under ../shared/data):
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-RUNS = ROOT / "experiments" / "runs" / "shift"
-RESULTS = ROOT / "docs" / "results"
+from runner import ROOT, RUNS, RunFailed, train_run
+
+SHIFT_RUNS = RUNS / "shift"
 
 #: method -> the `e2ip train --set` options on top of the data set's config
 TRAINED = {
@@ -36,37 +33,24 @@ TRAINED = {
     "eip": ["model.head=eip"],
     "ensemble": ["model.head=none", "ensemble.size=5"],
 }
-SEED_STRIDE = 10  # seed k trains with training.seed = 10 k: ensemble members 10k..10k+4 never repeat
 
 
 def run_dir(dataset: str, method: str, seed: int) -> Path:
-    return RUNS / dataset / method / f"seed{seed}"
+    return SHIFT_RUNS / dataset / method / f"seed{seed}"
 
 
 def train(dataset: str, seeds: list[int], methods: list[str]) -> None:
     config = ROOT / "experiments" / "configs" / f"shift_{dataset}.yaml"
     for seed in seeds:
         for method in methods:
-            out = run_dir(dataset, method, seed)
-            if (out / "model.pt").exists():
-                print(f"{dataset} {method} seed {seed}: done", flush=True)
-                continue
-            cmd = ["e2ip", "train", str(config), "--out", str(out),
-                   "--set", f"training.seed={SEED_STRIDE * seed}"]
-            for option in TRAINED[method]:
-                cmd += ["--set", option]
-            if out.exists():
-                cmd.append("--resume")
-            out.parent.mkdir(parents=True, exist_ok=True)
             start = time.time()
-            with open(out.parent / f"seed{seed}.log", "a") as log:
-                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-            print(f"{dataset} {method} seed {seed}: exit {rc} after {time.time() - start:.0f} s",
+            try:
+                seconds = train_run(config, run_dir(dataset, method, seed), TRAINED[method], seed)
+            except RunFailed as exc:
+                sys.exit(str(exc))
+            state = f"trained in {seconds:.0f} s" if seconds else "done"
+            print(f"{dataset} {method} seed {seed}: {state} ({time.time() - start:.0f} s)",
                   flush=True)
-            if rc != 0:
-                sys.exit(rc)
-            (out / "train_seconds.json").write_text(json.dumps(
-                {"seconds": time.time() - start, "threads": 1}))
 
 
 def main(argv: list[str] | None = None) -> None:

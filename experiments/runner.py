@@ -1,0 +1,46 @@
+"""Shared by the experiment scripts: train runs one after another with `e2ip train`, skipping
+finished runs and resuming interrupted ones, and record their wall time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RUNS = ROOT / "experiments" / "runs"
+RESULTS = ROOT / "docs" / "results"
+SEED_STRIDE = 10  # seed k trains with training.seed = 10 k: ensemble members 10k..10k+4 never repeat
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def train_run(config: Path, out: Path, overrides: list[str], seed: int, threads: int = 1) -> float:
+    """`e2ip train config --out out --set ...` unless out/model.pt exists (then 0 s); an
+    interrupted run resumes. The log goes to out.parent/<out.name>.log. Returns the seconds."""
+    if (out / "model.pt").exists():
+        return 0.0
+    cmd = ["e2ip", "train", str(config), "--out", str(out),
+           "--set", f"training.seed={SEED_STRIDE * seed}", "--set", f"training.num_threads={threads}"]
+    for option in overrides:
+        cmd += ["--set", option]
+    if out.exists():
+        cmd.append("--resume")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(out.parent / f"{out.name}.log", "a") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    seconds = time.time() - start
+    if rc != 0:
+        raise RunFailed(f"{' '.join(cmd)}: exit {rc} (log: {out.parent / (out.name + '.log')})")
+    (out / "train_seconds.json").write_text(json.dumps({"seconds": seconds, "threads": threads}))
+    return seconds
+
+
+def train_seconds(out: Path) -> float | None:
+    path = out / "train_seconds.json"
+    return json.loads(path.read_text())["seconds"] if path.exists() else None
