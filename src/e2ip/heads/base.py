@@ -38,6 +38,8 @@ class Head(nn.Module):
     name: ClassVar[str] = ""
     Hyperparameters: ClassVar[type] = object
     has_uncertainty: ClassVar[bool] = True
+    #: False for a head with aleatoric uncertainty only (its epistemic covariance is zero)
+    has_epistemic: ClassVar[bool] = True
     uses_feature_statistics: bool = False
     scales_epistemic: bool = False
 

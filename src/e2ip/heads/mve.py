@@ -34,6 +34,7 @@ class MVEHyperparameters:
 class MVEHead(Head):
     name = "mve"
     Hyperparameters = MVEHyperparameters
+    has_epistemic = False
 
     def __init__(self, dims: FeatureDims, force_scale: float, hparams: MVEHyperparameters):
         super().__init__(dims, force_scale, hparams)
