@@ -3,6 +3,7 @@ the seeds, written to docs/results/uncertainty_shift_<dataset>.{json,md}."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import platform
@@ -15,8 +16,9 @@ from runner import DATA, RESULTS, ROOT, train_seconds
 from scipy import stats
 from uncertainty_shift import run_dir
 
+from e2ip.calibration import fit_variance_scale
 from e2ip.data.readers import read_structures
-from e2ip.evaluation import evaluate, time_per_atom_ms
+from e2ip.evaluation import collect, evaluate, time_per_atom_ms
 from e2ip.model import PotentialModel
 from e2ip.model_io import load_model
 from e2ip.train.config import load_config
@@ -28,6 +30,7 @@ ROWS = [
     ("e2IP (paper, raw)", "e2ip", "raw", None),
     ("e2IP-FD (ours, cal)", "e2ip", "cal", "feature_distance"),
     ("e2IP-FD (ours, raw)", "e2ip", "raw", "feature_distance"),
+    ("e2IP-FD, one scale (ablation)", "e2ip", "cal", "feature_distance_one_scale"),
     ("eIP (cal)", "eip", "cal", None),
     ("Ensemble x5 (cal)", "ensemble", "cal", None),
     ("Ensemble x5 (raw)", "ensemble", "raw", None),
@@ -59,6 +62,16 @@ def test_sets(dataset: str, data) -> tuple[dict[str, list], str]:
             "mixed T (300/600/1200 K, unseen)": mixed}, "in distribution (300 K, held out)"
 
 
+def one_scale(fd, validation):
+    """The ablation: the feature-distance model with one variance scale only (epistemic scale
+    1), fitted by NLL on the validation set like the paper's e2IP."""
+    model = copy.deepcopy(fd)
+    model.epistemic_scale.fill_(1.0)
+    c = collect(model, validation, forms=["raw"])
+    model.variance_scale.fill_(fit_variance_scale(c.forms["raw"].predictive, c.forces_ref))
+    return model
+
+
 def kappa_diagnosis(model, structures) -> dict[str, float]:
     """How much of the paper's u_epi = tr(U_ale) / kappa is the aleatoric shape: the spread of
     log kappa against that of log u_ale, and their rank correlation over atoms."""
@@ -82,6 +95,7 @@ def models_of(dataset: str, seed: int, data):
             fd = model.with_feature_distance(data.train)
             fd.calibrate(data.validation)
             out[(method, "feature_distance")] = fd
+            out[(method, "feature_distance_one_scale")] = one_scale(fd, data.validation)
     return out
 
 
@@ -153,8 +167,6 @@ def report(dataset: str, seeds: list[int], timing: bool = False) -> None:
 
 def _auc_only(model, structures, reference, form) -> float:
     from e2ip import metrics as M
-    from e2ip.evaluation import collect
-
     c, r = collect(model, structures, forms=[form]), collect(model, reference, forms=[form])
     u, _ = M.per_structure(c.forms[form].u_epi, c.forces, c.batch, "mean")
     u_ref, _ = M.per_structure(r.forms[form].u_epi, r.forces, r.batch, "mean")
