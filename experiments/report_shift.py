@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from runner import DATA, RESULTS, ROOT, train_seconds
+from runner import DATA, RESULTS, ROOT, mean_std, train_seconds
 from scipy import stats
 from uncertainty_shift import run_dir
 
@@ -173,17 +172,6 @@ def _auc_only(model, structures, reference, form) -> float:
     return M.auc_reference(u, u_ref)
 
 
-def _cell(values: list) -> str:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return ""
-    mean = float(np.mean(values))
-    digits = 3 if abs(mean) < 10 else 1
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {float(np.std(values)):.{digits}f}"
-
-
 def markdown(results: dict, sets: dict, reference: str) -> str:
     lines = [f"# Uncertainty under distribution shift: {results['dataset']}", "",
              f"Seeds {results['seeds']} (mean ± std over the seeds that finished); "
@@ -201,7 +189,7 @@ def markdown(results: dict, sets: dict, reference: str) -> str:
             runs = per_set.get(name, [])
             if not runs:
                 continue
-            cells = [_cell([r[k] for r in runs]) for k in keys]
+            cells = [mean_std([r[k] for r in runs]) for k in keys]
             if all(c == "" for c in cells):
                 continue
             lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
@@ -210,15 +198,15 @@ def markdown(results: dict, sets: dict, reference: str) -> str:
         k = results["kappa"]
         lines += ["## Where the paper's u_epi comes from", "",
                   f"On the in-distribution set, over atoms: std(log kappa) = "
-                  f"{_cell([x['std_log_kappa'] for x in k])}, std(log u_ale) = "
-                  f"{_cell([x['std_log_u_ale'] for x in k])}, mean kappa = "
-                  f"{_cell([x['mean_kappa'] for x in k])}; Spearman(u_epi, u_ale) = "
-                  f"{_cell([x['spearman_u_epi_u_ale'] for x in k])}.", ""]
+                  f"{mean_std([x['std_log_kappa'] for x in k])}, std(log u_ale) = "
+                  f"{mean_std([x['std_log_u_ale'] for x in k])}, mean kappa = "
+                  f"{mean_std([x['mean_kappa'] for x in k])}; Spearman(u_epi, u_ale) = "
+                  f"{mean_std([x['spearman_u_epi_u_ale'] for x in k])}.", ""]
     lines += ["## Cost", "", "| method | training s (1 thread) | inference ms/atom |",
               "|---|---|---|"]
     timing = results.get("time_per_atom_ms") or {}
     for method, secs in results["train_seconds"].items():
-        lines.append(f"| {method} | {_cell(secs)} | "
+        lines.append(f"| {method} | {mean_std(secs)} | "
                      f"{timing.get(method, float('nan')):.3f} |")
     if timing:
         lines.append(f"| e2ip-feature_distance | (the e2ip run + one forward pass over the "

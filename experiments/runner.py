@@ -4,6 +4,7 @@ finished runs and resuming interrupted ones, and record their wall time."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -44,3 +45,18 @@ def train_run(config: Path, out: Path, overrides: list[str], seed: int, threads:
 def train_seconds(out: Path) -> float | None:
     path = out / "train_seconds.json"
     return json.loads(path.read_text())["seconds"] if path.exists() else None
+
+
+def mean_std(values: list, digits: int | None = None) -> str:
+    """'mean ± std' over the finite values ('' when none; the mean alone for one value)."""
+    import numpy as np
+
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return ""
+    mean = float(np.mean(values))
+    if digits is None:
+        digits = 3 if abs(mean) < 10 else 1
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {float(np.std(values)):.{digits}f}"
