@@ -23,16 +23,18 @@ from e2ip.model_io import load_model
 from e2ip.train.config import load_config
 from e2ip.train.datasets import prepare_data
 
-#: (row label, trained method, form, post-hoc variant)
+#: (row label, trained method, form, post-hoc variant, per-structure aggregate)
 ROWS = [
-    ("e2IP (paper, cal)", "e2ip", "cal", None),
-    ("e2IP (paper, raw)", "e2ip", "raw", None),
-    ("e2IP-FD (ours, cal)", "e2ip", "cal", "feature_distance"),
-    ("e2IP-FD (ours, raw)", "e2ip", "raw", "feature_distance"),
-    ("e2IP-FD, one scale (ablation)", "e2ip", "cal", "feature_distance_one_scale"),
-    ("eIP (cal)", "eip", "cal", None),
-    ("Ensemble x5 (cal)", "ensemble", "cal", None),
-    ("Ensemble x5 (raw)", "ensemble", "raw", None),
+    ("e2IP (paper, cal)", "e2ip", "cal", None, "mean"),
+    ("e2IP (paper, raw)", "e2ip", "raw", None, "mean"),
+    ("e2IP-FD (ours, cal)", "e2ip", "cal", "feature_distance", "mean"),
+    ("e2IP-FD (ours, raw)", "e2ip", "raw", "feature_distance", "mean"),
+    ("e2IP-FD, one scale (ablation)", "e2ip", "cal", "feature_distance_one_scale", "mean"),
+    ("e2IP-FD (ours, cal), max aggregate", "e2ip", "cal", "feature_distance", "max"),
+    ("eIP (cal)", "eip", "cal", None, "mean"),
+    ("Ensemble x5 (cal)", "ensemble", "cal", None, "mean"),
+    ("Ensemble x5 (raw)", "ensemble", "raw", None, "mean"),
+    ("Ensemble x5 (cal), max aggregate", "ensemble", "cal", None, "max"),
 ]
 KEYS = ["force_mae", "coverage_95", "calibration_error", "nll", "spearman",
         "spearman_per_structure", "auc_worst10", "ause_per_structure", "auc_reference"]
@@ -138,7 +140,7 @@ def report(dataset: str, seeds: list[int], timing: bool = False) -> None:
         for method in ("e2ip", "eip", "ensemble"):
             results["train_seconds"].setdefault(method, []).append(
                 train_seconds(run_dir(dataset, method, seed)))
-        for label, method, form, variant in ROWS:
+        for label, method, form, variant, aggregate in ROWS:
             model = models.get((method, variant))
             if model is None:
                 continue
@@ -147,9 +149,11 @@ def report(dataset: str, seeds: list[int], timing: bool = False) -> None:
                 labelled = structures[0].forces is not None
                 ref = sets[reference] if name != reference else None
                 if labelled:
-                    metrics, _ = evaluate(model, structures, form=form, reference=ref)
+                    metrics, _ = evaluate(model, structures, form=form, reference=ref,
+                                          aggregate=aggregate)
                 else:  # shift detection only: the metrics need labels, auc_reference does not
-                    metrics = {"auc_reference": _auc_only(model, structures, ref, form)}
+                    metrics = {"auc_reference": _auc_only(model, structures, ref, form,
+                                                           aggregate)}
                 row.setdefault(name, []).append({k: metrics.get(k) for k in KEYS})
         print(f"seed {seed}: {time.time() - start:.0f} s", flush=True)
         if timing and seed == seeds[0] and ("e2ip", None) in models:
@@ -164,11 +168,11 @@ def report(dataset: str, seeds: list[int], timing: bool = False) -> None:
     print(f"written {stem}.json and .md")
 
 
-def _auc_only(model, structures, reference, form) -> float:
+def _auc_only(model, structures, reference, form, aggregate) -> float:
     from e2ip import metrics as M
     c, r = collect(model, structures, forms=[form]), collect(model, reference, forms=[form])
-    u, _ = M.per_structure(c.forms[form].u_epi, c.forces, c.batch, "mean")
-    u_ref, _ = M.per_structure(r.forms[form].u_epi, r.forces, r.batch, "mean")
+    u, _ = M.per_structure(c.forms[form].u_epi, c.forces, c.batch, aggregate)
+    u_ref, _ = M.per_structure(r.forms[form].u_epi, r.forces, r.batch, aggregate)
     return M.auc_reference(u, u_ref)
 
 
@@ -177,8 +181,8 @@ def markdown(results: dict, sets: dict, reference: str) -> str:
              f"Seeds {results['seeds']} (mean ± std over the seeds that finished); "
              f"{results['machine']}. Made by `python experiments/uncertainty_shift.py report "
              f"--dataset {results['dataset']}`. Per-structure uncertainty: mean of the per-atom "
-             "u_epi. AUC shift: ROC-AUC for telling the set's structures from the "
-             f"in-distribution set ({reference}) by that uncertainty.", ""]
+             "u_epi (max where the row says so). AUC shift: ROC-AUC for telling the set's "
+             f"structures from the in-distribution set ({reference}) by that uncertainty.", ""]
     for name in sets:
         keys = [k for k in KEYS if any(r.get(k) is not None for per_set in results["rows"].values()
                                        for r in per_set.get(name, []))]
