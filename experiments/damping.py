@@ -30,6 +30,7 @@ from e2ip.train.fit import train_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
+CLIP = 8.0  # log10 cond above this is drawn at the top of the axes (a diverged run reaches 2e3)
 WATER = ROOT.parent / "shared" / "data" / "water_cheng2019" / "water_cheng2019.extxyz"
 
 
@@ -88,7 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--probe-every", type=int, default=5)
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 1e-2, 3e-2])
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the table and plot from docs/results/damping.json")
     args = parser.parse_args(argv)
+    if args.report_only:
+        saved = json.loads((RESULTS / "damping.json").read_text())
+        write_report(saved["runs"], saved["steps"], args.probe_every)
+        return
     torch.set_num_threads(1)
     runs = []
     for lr in args.lrs:
@@ -102,10 +109,14 @@ def main(argv: list[str] | None = None) -> None:
                   f"max {last.get('log10_cond_max')}, error {result['error']}", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "damping.json").write_text(json.dumps({"steps": args.steps, "runs": runs}))
+    write_report(runs, args.steps, args.probe_every)
+
+
+def write_report(runs: list[dict], steps: int, probe_every: int) -> None:
     lines = ["# Damping ablation: cond(Sigma0) in early training on liquid water", "",
-             f"PaiNN + e2IP, 40 frames, batch 2, float32, {args.steps} steps, one thread; "
+             f"PaiNN + e2IP, 40 frames, batch 2, float32, {steps} steps, one thread; "
              "cond(Sigma0) over the atoms of 2 fixed training frames, probed every "
-             f"{args.probe_every} steps. Made by `python experiments/damping.py`.", "",
+             f"{probe_every} steps. Made by `python experiments/damping.py`.", "",
              "| lr | damping | max log10 cond over training | final log10 cond (mean / max) | "
              "max abs(c2) | survived |", "|---|---|---|---|---|---|"]
     for r in runs:
@@ -116,10 +127,15 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {r['lr']:g} | {'on' if r['damping'] else 'off'} | {peak:.2f} | "
                      f"{last.get('log10_cond_mean', math.nan):.2f} / "
                      f"{last.get('log10_cond_max', math.nan):.2f} | {c2:.2f} | "
-                     f"{'yes' if r['error'] is None else 'no: ' + r['error']} |")
+                     f"{'yes' if r['error'] is None else 'no: ' + _short(r['error'])} |")
     (RESULTS / "damping.md").write_text("\n".join(lines) + "\n")
     plot(runs, RESULTS / "damping.png")
     print("\n".join(lines))
+
+
+def _short(error: str) -> str:
+    """The reason a run stopped, without the file and frame."""
+    return error.split(" (training.max_bad_steps)")[0].replace("training stopped at ", "stopped at ")
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -137,12 +153,17 @@ def plot(runs: list[dict], path: Path) -> None:
             lo = [x["log10_cond_min"] for x in r["rows"]]
             hi = [x["log10_cond_max"] for x in r["rows"]]
             label = "damping" if r["damping"] else "no damping"
-            line, = ax.plot(steps, mean, label=label)
-            ax.fill_between(steps, lo, hi, alpha=0.2, color=line.get_color())
+            if r["error"] is not None:
+                label += f" (diverged, step {steps[-1] if steps else 0})"
+            clip = [min(v, CLIP) for v in mean], [min(v, CLIP) for v in lo], \
+                [min(v, CLIP) for v in hi]
+            line, = ax.plot(steps, clip[0], label=label)
+            ax.fill_between(steps, clip[1], clip[2], alpha=0.2, color=line.get_color())
+        ax.set_ylim(-0.2, CLIP + 0.5)
         ax.set_title(f"lr {lr:g}")
         ax.set_xlabel("optimiser step")
         ax.legend(fontsize=8)
-    np.atleast_1d(axes)[0].set_ylabel("log10 cond(Sigma0): mean, min-max")
+    np.atleast_1d(axes)[0].set_ylabel(f"log10 cond(Σ0), clipped at {CLIP:g}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
