@@ -150,3 +150,16 @@ def test_training_with_the_feature_distance_fits_it_and_reports_both_scales(tmp_
 
     train = prepare_data(cfg.data).train
     assert model.predict(train)["feature_distance"].mean() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_an_unfitted_feature_distance_is_refused_at_calibration_and_ensembles_fit_members():
+    from e2ip import Ensemble
+
+    spec = {**_model().spec(), "head_options": {"evidence": "feature_distance"}}
+    unfitted = PotentialModel.from_spec(spec).double()
+    validation = read_structures(demo_data_path(test=True), index=":4")
+    with pytest.raises(ModelError, match="never fitted"):
+        unfitted.calibrate(validation)
+    ensemble = Ensemble([PotentialModel.from_spec(spec).double() for _ in range(2)])
+    assert ensemble.fit_training_statistics(read_structures(demo_data_path(), index=":10")) == 90
+    assert all(bool(m.head.feature_distance.fitted) for m in ensemble.members)

@@ -116,3 +116,31 @@ def test_model_files_from_before_the_epistemic_scale_still_load(tmp_path):
         old = load_model(tmp_path / "old.pt")
         np.testing.assert_allclose(old.predict(structures)["predictive"],
                                    model.predict(structures)["predictive"], rtol=1e-12)
+
+
+def test_ensembles_of_full_uncertainty_heads_stay_the_papers_deep_ensemble():
+    """e2IP members (the default head) are ensembled on their means, with the coverage floor,
+    as before the heteroskedastic ensemble existed; only aleatoric-only members make one."""
+    torch.manual_seed(0)
+    members = [PotentialModel(elements=[1, 6, 8], cutoff=4.0, backbone_options=SMALL).double()
+               for _ in range(2)]
+    ensemble = Ensemble(members)
+    assert not ensemble.heteroskedastic and ensemble.calibration_method == "variance_floor"
+    assert ensemble.can_batch() and ensemble.label() == "Ensemble x2 (painn)"
+
+
+def test_models_without_an_epistemic_part_refuse_the_bias_and_thresholds():
+    from e2ip.bias import UncertaintyBias
+    from e2ip.errors import ConfigError, ModelError
+    from e2ip.md import run_md
+
+    model = _member(0)
+    assert model.has_uncertainty and not model.has_epistemic
+    assert Ensemble([_member(1), _member(2)]).has_epistemic
+    graph = graph_from_structures(read_structures(demo_data_path(test=True), index=":1"), 4.0,
+                                  torch.float64)
+    with pytest.raises(ModelError, match="needs an uncertainty head with an epistemic part"):
+        model(graph, bias=UncertaintyBias(0.1, 0.1))
+    atoms = read_structures(demo_data_path(test=True), index=":1")[0].to_atoms()
+    with pytest.raises(ConfigError, match="needs a model with epistemic uncertainty"):
+        run_md(atoms, model, steps=1, max_uncertainty=0.1)

@@ -317,7 +317,8 @@ def cmd_calibrate(args) -> int:
     path = _model_path(args.model)
     model = load_model(path)
     if args.feature_distance:
-        train = _read_with_options(args, args.feature_distance, require_energy=False)
+        train = _read_with_options(args, args.feature_distance, require_energy=False,
+                                   require_forces=False)
         model = model.with_feature_distance(train, batch_size=args.batch_size)
         print(f"feature distance fitted on {len(train)} structures of {args.feature_distance}")
     value = model.calibrate(_read_eval_data(args), batch_size=args.batch_size)

@@ -63,8 +63,8 @@ class Ensemble(Potential):
         for m in members[1:]:
             if m.elements != first.elements or m.cutoff != first.cutoff:
                 raise ModelError("ensemble members must share elements (same order) and cutoff")
-            if m.has_uncertainty != first.has_uncertainty:
-                raise ModelError("ensemble members must all have an uncertainty head or none")
+            if m.head_name != first.head_name:
+                raise ModelError("ensemble members must share their head")
         self.members = nn.ModuleList(members)
         self.elements = list(first.elements)
         self.cutoff = float(first.cutoff)
@@ -95,8 +95,11 @@ class Ensemble(Potential):
 
     @property
     def heteroskedastic(self) -> bool:
-        """Whether the members predict their own (aleatoric) uncertainty."""
-        return self.members[0].has_uncertainty
+        """Whether the members are mean-variance models (an uncertainty head with an aleatoric
+        part only, e.g. "mve"). Members with a full uncertainty head (e2IP, eIP) are ensembled
+        on their force means alone, as before: the paper's deep ensemble."""
+        head = self.members[0].head
+        return head.has_uncertainty and not head.has_epistemic
 
     @property
     def calibration_method(self) -> str:  # type: ignore[override]
@@ -117,6 +120,11 @@ class Ensemble(Potential):
         return cls(members, raw_floor=spec.get("raw_floor", RAW_FLOOR),
                    batched=spec.get("batched"), chunk_size=spec.get("chunk_size"),
                    metadata=spec.get("metadata"))
+
+    def fit_training_statistics(self, structures, batch_size: int = 32) -> int | None:
+        """Each member's (for members whose head needs training statistics)."""
+        counts = [m.fit_training_statistics(structures, batch_size) for m in self.members]
+        return counts[0]
 
     def _upgrade_state(self, state: dict) -> None:
         for k, member in enumerate(self.members):  # each member's entries, under its prefix
@@ -212,7 +220,7 @@ class Ensemble(Potential):
         stress = torch.stack([o["stress"] for o in outs]).mean(0) if compute_stress else None
         covs = None
         if self.heteroskedastic and compute_forces:  # (M, N, 3, 3): each member's own
-            covs = torch.stack([m.covariances(o["params"], o["forces"], "raw")["predictive"]
+            covs = torch.stack([m.covariances(o["params"], o["forces"], "raw")["aleatoric"]
                                 for m, o in zip(self.members, outs, strict=True)])
         return energy, forces, atomic, stress, covs
 

@@ -119,8 +119,8 @@ def run_md(atoms: Atoms, model, *, steps: int = 1000, temperature_K: float = 300
     else:
         calc = E2IPCalculator(model, device=device, skin=skin, bias=bias)
     bias = calc.bias
-    if max_uncertainty is not None and not calc.model.has_uncertainty:
-        raise ConfigError(f"--max-uncertainty needs a model with uncertainty; "
+    if max_uncertainty is not None and not calc.model.has_epistemic:
+        raise ConfigError(f"--max-uncertainty needs a model with epistemic uncertainty; "
                           f"{calc.model.label()} has none")
     atoms.calc = calc
     if not atoms.get_momenta().any() and temperature_K > 0:

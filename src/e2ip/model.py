@@ -14,7 +14,7 @@ from .calibration import fit_variance_and_epistemic_scale, fit_variance_scale
 from .data.graph import AtomicGraph
 from .errors import DataError, ModelError
 from .heads import FeatureDims, get_head
-from .potential import Potential, trace
+from .potential import Potential, portable_state_dict, trace
 from .predictive import StudentT, concatenate
 
 
@@ -80,6 +80,10 @@ class PotentialModel(Potential):
     def has_uncertainty(self) -> bool:
         return self.head.has_uncertainty
 
+    @property
+    def has_epistemic(self) -> bool:
+        return self.head.has_uncertainty and self.head.has_epistemic
+
     # -- forward ----------------------------------------------------------------------------
     def species(self, numbers: torch.Tensor) -> torch.Tensor:
         """Index of each atom's element in `elements`, (N,) long. Unknown elements are a
@@ -122,8 +126,9 @@ class PotentialModel(Potential):
         dtype = next(self.parameters()).dtype
         positions = graph.positions.to(dtype)
         cell = graph.cell.to(dtype)
-        if bias is not None and not self.has_uncertainty:
-            raise ModelError(f"an uncertainty bias needs an uncertainty head; {self.label()} has none")
+        if bias is not None and not self.has_epistemic:
+            raise ModelError(f"an uncertainty bias needs an uncertainty head with an epistemic "
+                             f"part; {self.label()} has none")
         out: dict[str, Any] = {}
         with torch.enable_grad():
             if compute_forces and not positions.requires_grad:
@@ -291,6 +296,10 @@ class PotentialModel(Potential):
                 for _, out in batches])
 
         if self.head.scales_epistemic:
+            if not self.head.feature_statistics_fitted():
+                raise ModelError(f"{self.label()}: its feature distance was never fitted on the "
+                                 "training data; run `e2ip calibrate MODEL --feature-distance "
+                                 "TRAIN --data VALIDATION` (model.with_feature_distance(train))")
             factor, epistemic = fit_variance_and_epistemic_scale(predictive_for, ref)
             self.epistemic_scale.fill_(epistemic)
         else:
@@ -311,30 +320,37 @@ class PotentialModel(Potential):
         spec = self.spec()
         spec["head_options"] = {**spec["head_options"], "evidence": "feature_distance"}
         model = type(self).from_spec(spec).to(device=self.device, dtype=self.dtype)
-        state = {k: v for k, v in self.state_dict().items()
+        state = {k: v for k, v in portable_state_dict(self.state_dict()).items()
                  if not k.startswith("head.feature_distance.")}
         state["variance_scale"] = torch.ones((), dtype=torch.float64)
         state["epistemic_scale"] = torch.ones((), dtype=torch.float64)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected and all(k.startswith("head.feature_distance.") for k in missing)
+        if unexpected or not all(k.startswith("head.feature_distance.") for k in missing):
+            raise ModelError(f"cannot switch {self.label()} to the feature-distance evidence "
+                             f"(state mismatch: {sorted(unexpected or missing)[:3]})")
+        model._compile_options = self._compile_options
         model.fit_training_statistics(train_structures, batch_size)
         return model.eval()
 
     @torch.no_grad()
     def fit_training_statistics(self, structures, batch_size: int = 32) -> int | None:
         """Fit what the head needs from the training data (its atoms' backbone features; e.g.
-        the feature distance of e2IP with `evidence: feature_distance`); returns the number of
-        atoms used, or None for a head that needs nothing."""
+        the feature distance of e2IP with `evidence: feature_distance`), streamed in batches
+        (an on-disk data set stays on disk), on the model's device; returns the number of atoms
+        used, or None for a head that needs nothing."""
         if not self.head.uses_feature_statistics:
             return None
+        from .data.graph import GraphDataset
+
         was_training = self.training
         self.eval()
 
         def features():
-            for g in self.graphs(structures, batch_size):
-                species = self.species(g.numbers)
-                yield self.backbone(species, g.edge_index, g.edge_vectors(g.positions.to(
-                    self.dtype)), g.batch, g.num_graphs)
+            loader = GraphDataset(structures, self.cutoff).loader(batch_size, dtype=self.dtype)
+            for g in loader:
+                g = g.to(self.device)
+                yield self.backbone(self.species(g.numbers), g.edge_index,
+                                    g.edge_vectors(g.positions), g.batch, g.num_graphs)
 
         try:
             return self.head.fit_feature_statistics(features())

@@ -192,6 +192,12 @@ class Potential(nn.Module):
         raise NotImplementedError
 
     @property
+    def has_epistemic(self) -> bool:
+        """Whether the uncertainty has an epistemic part (a mean-variance model has only an
+        aleatoric one); MD thresholds, the uncertainty bias and active learning use it."""
+        return self.has_uncertainty
+
+    @property
     def calibrated(self) -> bool:
         raise NotImplementedError
 

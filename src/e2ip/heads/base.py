@@ -75,6 +75,10 @@ class Head(nn.Module):
         :class:`BackboneOutput`); returns the number of atoms seen."""
         raise NotImplementedError(f"the {self.name!r} head uses no training statistics")
 
+    def feature_statistics_fitted(self) -> bool:
+        """Whether :meth:`fit_feature_statistics` has run (True for heads that need none)."""
+        return True
+
     def scale_epistemic(self, params, factor: float) -> dict[str, torch.Tensor]:
         """`params` with the epistemic covariance multiplied by `factor`."""
         raise NotImplementedError(f"the {self.name!r} head cannot scale its epistemic part")

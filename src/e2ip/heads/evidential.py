@@ -127,6 +127,9 @@ class E2IPHead(Head):
     def fit_feature_statistics(self, batches) -> int:
         return self.feature_distance.fit(features.scalars for features in batches)
 
+    def feature_statistics_fitted(self) -> bool:
+        return not self.uses_feature_statistics or bool(self.feature_distance.fitted)
+
     def scale_epistemic(self, params, factor: float) -> dict[str, torch.Tensor]:
         # U_epi = U_ale / kappa: t U_epi is kappa / t; the aleatoric part keeps nu and Sigma0
         return {**params, "kappa": params["kappa"] / factor}

@@ -123,6 +123,8 @@ def train_model(cfg: Config, out_dir: str | Path, *, data: PreparedData | None =
     if base is not None:
         initial_state = {**base.state_dict(), "variance_scale": torch.ones((), dtype=torch.float64),
                          "epistemic_scale": torch.ones((), dtype=torch.float64)}
+        if "head.feature_distance.fitted" in initial_state:  # refitted after fine-tuning
+            initial_state["head.feature_distance.fitted"] = torch.zeros((), dtype=torch.bool)
     module = PotentialModule(model_spec(cfg, data, member, base), dataclasses.asdict(t),
                              cfg.model.dtype, initial_state=initial_state)
     train_set = GraphDataset(data.train, module.model.cutoff)
