@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -17,6 +17,8 @@ from .feature_distance import FeatureDistance
 from .spd import damp_norm, damp_scalar, expm_symmetric, l2_basis, l2_to_matrix, sym_outer_l2
 
 D = 3
+Evidence = Literal["learned", "feature_distance"]
+EVIDENCE = get_args(Evidence)
 
 
 @dataclass
@@ -46,11 +48,9 @@ class E2IPHyperparameters:
     nu_margin: float = 1.0
     reg_weight: float = 0.01
     nll_weight: float = 1.0
-    evidence: Literal["learned", "feature_distance"] = "learned"
+    evidence: Evidence = "learned"
     feature_ridge: float = 1e-3
 
-
-EVIDENCE = ("learned", "feature_distance")
 
 
 class E2IPHead(Head):

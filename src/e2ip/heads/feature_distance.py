@@ -55,10 +55,11 @@ class FeatureDistance(nn.Module):
         ridge = self.ridge * float(moment.trace()) / f
         eigval, eigvec = torch.linalg.eigh(moment + ridge * torch.eye(f, dtype=moment.dtype,
                                                                        device=moment.device))
-        whitening = (eigvec / eigval.clamp_min(1e-300).sqrt()).T  # W^T W = C^-1
-        # mean_train h^T C^-1 h = tr(C^-1 M) (M the second moment): no second pass needed
-        mean_leverage = float(torch.trace(torch.linalg.solve(moment + ridge * torch.eye(
-            f, dtype=moment.dtype, device=moment.device), moment)))
+        eigval = eigval.clamp_min(1e-300)
+        whitening = (eigvec / eigval.sqrt()).T  # W^T W = C^-1
+        # mean_train h^T C^-1 h = tr(C^-1 M), M = C - ridge I the second moment: from the same
+        # eigenvalues, sum (lambda - ridge) / lambda (no second pass, no second solve)
+        mean_leverage = float(((eigval - ridge) / eigval).sum())
         self.whitening.copy_(whitening / mean_leverage**0.5)
         self.fitted.fill_(True)
         return count
