@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from runner import DATA, RESULTS, ROOT, mean_std, train_seconds
+from runner import DATA, RESULTS, ROOT, mean_std, prepared, train_seconds
 from scipy import stats
 from uncertainty_shift import run_dir
 
@@ -21,8 +20,6 @@ from e2ip.data.readers import read_structures
 from e2ip.evaluation import collect, evaluate, time_per_atom_ms
 from e2ip.model import PotentialModel
 from e2ip.model_io import load_model
-from e2ip.train.config import load_config
-from e2ip.train.datasets import prepare_data
 
 #: (row label, trained method, form, post-hoc variant, per-structure aggregate)
 ROWS = [
@@ -103,7 +100,11 @@ def models_of(dataset: str, seed: int, data):
 
 
 
-def timings(dataset: str, models: dict, structures: list) -> dict[str, float]:
+def config(dataset: str) -> Path:
+    return ROOT / "experiments" / "configs" / f"shift_{dataset}.yaml"
+
+
+def timings(models: dict, structures: list) -> dict[str, float]:
     """Inference ms/atom (energy, forces, every covariance), one thread, batch 32, beside a
     bare model of the same backbone (head none, untrained: the cost does not depend on the
     weights)."""
@@ -120,13 +121,7 @@ def timings(dataset: str, models: dict, structures: list) -> dict[str, float]:
 
 def report(dataset: str, seeds: list[int], timing: bool = False) -> None:
     torch.set_num_threads(1)
-    cfg = load_config(ROOT / "experiments" / "configs" / f"shift_{dataset}.yaml")
-    cwd = Path.cwd()
-    os.chdir(ROOT)  # the config's data paths are relative to the project root
-    try:
-        data = prepare_data(cfg.data)
-    finally:
-        os.chdir(cwd)
+    _, data = prepared(config(dataset))
     sets, reference = test_sets(dataset, data)
     results: dict = {"dataset": dataset, "seeds": seeds, "rows": {}, "kappa": [],
                      "train_seconds": {}, "time_per_atom_ms": None,
@@ -157,7 +152,7 @@ def report(dataset: str, seeds: list[int], timing: bool = False) -> None:
                 row.setdefault(name, []).append({k: metrics.get(k) for k in KEYS})
         print(f"seed {seed}: {time.time() - start:.0f} s", flush=True)
         if timing and seed == seeds[0] and ("e2ip", None) in models:
-            results["time_per_atom_ms"] = timings(dataset, models, sets[reference][:256])
+            results["time_per_atom_ms"] = timings(models, sets[reference][:256])
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"uncertainty_shift_{dataset}"
     if not timing and stem.with_suffix(".json").exists():  # keep the last measured timings
@@ -174,16 +169,10 @@ def update_timing(dataset: str) -> None:
     torch.set_num_threads(1)
     stem = RESULTS / f"uncertainty_shift_{dataset}"
     results = json.loads(stem.with_suffix(".json").read_text())
-    cfg = load_config(ROOT / "experiments" / "configs" / f"shift_{dataset}.yaml")
-    cwd = Path.cwd()
-    os.chdir(ROOT)
-    try:
-        data = prepare_data(cfg.data)
-    finally:
-        os.chdir(cwd)
+    _, data = prepared(config(dataset))
     sets, reference = test_sets(dataset, data)
     models = models_of(dataset, results["seeds"][0], data)
-    results["time_per_atom_ms"] = timings(dataset, models, sets[reference][:256])
+    results["time_per_atom_ms"] = timings(models, sets[reference][:256])
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
     stem.with_suffix(".md").write_text(markdown(results, results["sets"], reference))
     print(results["time_per_atom_ms"])

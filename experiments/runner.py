@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -40,6 +41,21 @@ def train_run(config: Path, out: Path, overrides: list[str], seed: int, threads:
         raise RunFailed(f"{' '.join(cmd)}: exit {rc} (log: {out.parent / (out.name + '.log')})")
     (out / "train_seconds.json").write_text(json.dumps({"seconds": seconds, "threads": threads}))
     return seconds
+
+
+def prepared(config: Path):
+    """(config, prepared data) of an experiment config, whose data paths are relative to the
+    project root, read from there whatever the current folder."""
+    from e2ip.train.config import load_config
+    from e2ip.train.datasets import prepare_data
+
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        cfg = load_config(config)
+        return cfg, prepare_data(cfg.data)
+    finally:
+        os.chdir(cwd)
 
 
 def train_seconds(out: Path) -> float | None:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from runner import RESULTS, ROOT, RUNS, RunFailed, mean_std, train_run, train_seconds
+from runner import RESULTS, ROOT, RUNS, RunFailed, mean_std, prepared, train_run, train_seconds
 
 CONFIG = ROOT / "experiments" / "configs" / "water.yaml"
 METHODS = {
@@ -68,17 +67,10 @@ def report(seeds: list[int], timing: bool) -> None:
     from e2ip.evaluation import collect, compute_metrics, time_per_atom_ms
     from e2ip.model_io import load_model
     from e2ip.plots import plot_calibration, plot_pit
-    from e2ip.train.config import load_config
-    from e2ip.train.datasets import prepare_data
 
     torch.set_num_threads(1)
-    cfg = load_config(CONFIG)
-    cwd = Path.cwd()
-    os.chdir(ROOT)  # the config's data paths are relative to the project root
-    try:
-        test = list(prepare_data(cfg.data).test)
-    finally:
-        os.chdir(cwd)
+    cfg, data = prepared(CONFIG)
+    test = list(data.test)
     rows: dict = {label: [] for label, _, _ in ROWS}
     curves, pits = {}, {}
     for seed in seeds:
