@@ -239,7 +239,9 @@ def test_bad_configuration_is_one_line(files, capsys):
 def _bad_models(root: Path) -> list[tuple[str, str]]:
     good = (root / "m.pt").read_bytes()
     flipped = bytearray(good)
-    middle = len(good) // 2
+    with zipfile.ZipFile(root / "m.pt") as archive:  # inside the largest tensor's stored bytes
+        largest = max(archive.infolist(), key=lambda item: item.file_size)
+    middle = good.index(largest.filename.encode(), largest.header_offset) + largest.file_size // 2
     flipped[middle:middle + 16] = bytes(b ^ 0x5A for b in flipped[middle:middle + 16])
     (root / "flipped.pt").write_bytes(bytes(flipped))
     with zipfile.ZipFile(root / "m.pt") as zin, zipfile.ZipFile(root / "garbage.pt", "w") as zout:

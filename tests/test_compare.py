@@ -71,7 +71,7 @@ def test_compare_writes_tables_and_plot(tmp_path):
     with open(out / "comparison.csv") as fh:
         rows = list(csv.DictReader(fh))
     methods = [r["method"] for r in rows]
-    assert methods == ["e2IP (painn) raw", "e2IP (painn) cal", "eIP (painn)",
+    assert methods == ["e2IP-FD (painn) raw", "e2IP-FD (painn) cal", "eIP (painn)",
                        "e2IP w/o equiv. (painn)", "Ensemble x3 (painn) raw",
                        "Ensemble x3 (painn) cal"]
     assert [r["form"] for r in rows] == ["raw", "cal", "raw", "raw", "raw", "cal"]

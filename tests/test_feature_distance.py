@@ -42,8 +42,10 @@ def test_distance_is_the_normalised_leverage():
 
 
 def _model():
+    """The paper's e2IP (learned evidence), small, float64, with non-trivial evidence."""
     torch.manual_seed(0)
     model = PotentialModel(elements=[1, 6, 8], cutoff=4.0, force_scale=0.5,
+                           head_options={"evidence": "learned"},
                            backbone_options={"num_features": 8, "num_layers": 1,
                                              "num_radial": 6}).double()
     with torch.no_grad():  # non-trivial evidence per atom
@@ -134,16 +136,16 @@ def test_cli_calibrate_switches_a_trained_model_to_the_feature_distance(tmp_path
     assert model.calibration()["epistemic_scale"] > 0
 
 
-def test_training_with_the_feature_distance_fits_it_and_reports_both_scales(tmp_path):
+def test_training_with_the_default_feature_distance_fits_it_and_reports_both_scales(tmp_path):
     from test_train import TINY
 
     from e2ip.train.config import load_config
     from e2ip.train.run import run_training
 
-    cfg = load_config(None, TINY + ["training.max_epochs=1", "head.evidence=feature_distance"])
+    cfg = load_config(None, TINY + ["training.max_epochs=1"])  # the default evidence
     metrics = run_training(cfg, tmp_path / "run")
     model = load_model(tmp_path / "run" / "model.pt")
-    assert bool(model.head.feature_distance.fitted)
+    assert model.label() == "e2IP-FD (painn)" and bool(model.head.feature_distance.fitted)
     assert metrics["calibration"]["epistemic_scale"] == float(model.epistemic_scale) != 1.0
     # the distance is ~1 on the training data it was fitted on (24 structures here)
     from e2ip.train.datasets import prepare_data
@@ -163,3 +165,35 @@ def test_an_unfitted_feature_distance_is_refused_at_calibration_and_ensembles_fi
     ensemble = Ensemble([PotentialModel.from_spec(spec).double() for _ in range(2)])
     assert ensemble.fit_training_statistics(read_structures(demo_data_path(), index=":10")) == 90
     assert all(bool(m.head.feature_distance.fitted) for m in ensemble.members)
+
+
+def _without_evidence_key(path):
+    """Rewrite a model file as versions before the `evidence` option wrote it."""
+    payload = torch.load(path, weights_only=True)
+    specs = payload["spec"].get("members", [payload["spec"]])
+    for spec in specs:
+        spec["head_options"].pop("evidence")
+    torch.save(payload, path)
+
+
+def test_files_from_before_the_evidence_option_load_as_the_papers_e2ip(tmp_path):
+    from e2ip import Ensemble
+
+    structures = read_structures(demo_data_path(test=True), index=":3")
+    paper = _model()
+    paper.variance_scale.fill_(1.7)
+    paper.save(tmp_path / "old.pt")
+    _without_evidence_key(tmp_path / "old.pt")
+    old = load_model(tmp_path / "old.pt")
+    assert old.head.hparams.evidence == "learned" and old.label() == "e2IP (painn)"
+    assert not old.head.uses_feature_statistics
+    expected, got = paper.predict(structures), old.predict(structures)
+    for key in ("forces", "epistemic", "predictive"):
+        np.testing.assert_array_equal(got[key], expected[key])
+    # ensembles of such members too
+    Ensemble([_model(), _model()]).save(tmp_path / "old_ensemble.pt")
+    _without_evidence_key(tmp_path / "old_ensemble.pt")
+    members = load_model(tmp_path / "old_ensemble.pt").members
+    assert [m.head.hparams.evidence for m in members] == ["learned", "learned"]
+    # a new model without options gets the feature distance
+    assert PotentialModel(elements=[1], cutoff=4.0).head.hparams.evidence == "feature_distance"

@@ -90,7 +90,8 @@ def test_calibrated_report_uses_the_scaled_covariance_and_keeps_raw_beside_it(st
     metrics, _ = evaluate(model, structures)  # default form of a calibrated model: cal
     assert metrics["form"] == "cal"
     assert metrics["variance_scale"] == pytest.approx(factor)
-    assert metrics["calibration"] == {"method": "variance_scale", "value": pytest.approx(factor)}
+    assert metrics["calibration"] == {"method": "variance_scale", "value": pytest.approx(factor),
+                                      "epistemic_scale": 1.0}  # the default feature distance
     assert metrics["nll"] == pytest.approx(_nll(mu, shape, dof, y, factor).mean(), rel=1e-9)
     assert metrics["raw"]["nll"] == pytest.approx(_nll(mu, shape, dof, y).mean(), rel=1e-9)
     # coverage@95 from the F(3, dof) distribution of the scaled Mahalanobis distance

@@ -116,7 +116,7 @@ class Ensemble(Potential):
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Ensemble:
-        members = [PotentialModel(**s) for s in spec["members"]]
+        members = [PotentialModel.from_spec(s) for s in spec["members"]]
         return cls(members, raw_floor=spec.get("raw_floor", RAW_FLOOR),
                    batched=spec.get("batched"), chunk_size=spec.get("chunk_size"),
                    metadata=spec.get("metadata"))

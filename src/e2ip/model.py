@@ -226,7 +226,10 @@ class PotentialModel(Potential):
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> PotentialModel:
-        return cls(**spec)
+        """The model a file's spec describes (head options as `Head.saved_options` reads them)."""
+        head_options = get_head(spec.get("head", "e2ip")).saved_options(
+            dict(spec.get("head_options") or {}))
+        return cls(**{**spec, "head_options": head_options})
 
     def label(self) -> str:
         """A readable method name, e.g. 'e2IP (painn)'."""

@@ -57,6 +57,12 @@ class Head(nn.Module):
     def hparams_to_dict(cls, hparams) -> dict:
         return dataclasses.asdict(hparams)
 
+    @classmethod
+    def saved_options(cls, options: dict) -> dict:
+        """The options of a model file, with the settings that files written before an option
+        existed had in place of its (since changed) default."""
+        return options
+
     def forward(self, features: BackboneOutput) -> dict[str, torch.Tensor]:
         return {}
 
