@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from runner import DATA, RESULTS, ROOT, mean_std, prepared, train_seconds
 from scipy import stats
-from uncertainty_shift import run_dir
+from uncertainty_shift import WATER_DATA, run_dir
 
 from e2ip.calibration import fit_variance_scale
 from e2ip.data.readers import read_structures
@@ -53,6 +53,11 @@ def test_sets(dataset: str, data) -> tuple[dict[str, list], str]:
             "H removal (no labels)": read_structures(d / "test_H_removal.xyz",
                                                      require_energy=False, require_forces=False),
         }, "in distribution (test_MD)"
+    if dataset == "water":
+        return {"in distribution (central densities, held out)": list(data.test),
+                "low density (< 0.79 g/cm³)": read_structures(WATER_DATA / "low.extxyz"),
+                "high density (> 1.06 g/cm³)": read_structures(WATER_DATA / "high.extxyz"),
+                }, "in distribution (central densities, held out)"
     d = DATA / "3bpa"
     seen = {np.round(s.positions, 5).tobytes() for s in read_structures(d / "train_300K.xyz")}
     mixed = [s for s in read_structures(d / "train_mixedT.xyz")
@@ -216,7 +221,8 @@ def markdown(results: dict, sets: dict, reference: str) -> str:
                   f"{mean_std([x['std_log_u_ale'] for x in k])}, mean kappa = "
                   f"{mean_std([x['mean_kappa'] for x in k])}; Spearman(u_epi, u_ale) = "
                   f"{mean_std([x['spearman_u_epi_u_ale'] for x in k])}.", ""]
-    lines += ["## Cost", "", "| method | training s (1 thread) | inference ms/atom |",
+    lines += ["## Cost", "", "Training seconds over the runs timed from start to end (a resumed run "
+              "is left out).", "", "| method | training s (1 thread) | inference ms/atom |",
               "|---|---|---|"]
     timing = results.get("time_per_atom_ms") or {}
     for method, secs in results["train_seconds"].items():

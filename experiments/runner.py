@@ -23,14 +23,16 @@ class RunFailed(RuntimeError):
 
 def train_run(config: Path, out: Path, overrides: list[str], seed: int, threads: int = 1) -> float:
     """`e2ip train config --out out --set ...` unless out/model.pt exists (then 0 s); an
-    interrupted run resumes. The log goes to out.parent/<out.name>.log. Returns the seconds."""
+    interrupted run resumes (and its seconds, of the last part only, are marked resumed). The
+    log goes to out.parent/<out.name>.log. Returns the seconds."""
     if (out / "model.pt").exists():
         return 0.0
     cmd = ["e2ip", "train", str(config), "--out", str(out),
            "--set", f"training.seed={SEED_STRIDE * seed}", "--set", f"training.num_threads={threads}"]
     for option in overrides:
         cmd += ["--set", option]
-    if out.exists():
+    resumed = out.exists()
+    if resumed:
         cmd.append("--resume")
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -39,7 +41,8 @@ def train_run(config: Path, out: Path, overrides: list[str], seed: int, threads:
     seconds = time.time() - start
     if rc != 0:
         raise RunFailed(f"{' '.join(cmd)}: exit {rc} (log: {out.parent / (out.name + '.log')})")
-    (out / "train_seconds.json").write_text(json.dumps({"seconds": seconds, "threads": threads}))
+    (out / "train_seconds.json").write_text(json.dumps({"seconds": seconds, "threads": threads,
+                                                        "resumed": resumed}))
     return seconds
 
 
@@ -59,8 +62,12 @@ def prepared(config: Path):
 
 
 def train_seconds(out: Path) -> float | None:
+    """The seconds a run trained, None if unknown (a resumed run timed only its last part)."""
     path = out / "train_seconds.json"
-    return json.loads(path.read_text())["seconds"] if path.exists() else None
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return None if record.get("resumed") else record["seconds"]
 
 
 def mean_std(values: list, digits: int | None = None) -> str:

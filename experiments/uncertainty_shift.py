@@ -13,7 +13,10 @@ Data sets (paths relative to the project root, under ../shared/data):
 - ethanol: train.xyz -> in distribution: test_MD.xyz; shifted: the 145 methanol frames of
   test_eth_meth.xyz (labelled) and test_H_removal.xyz (no labels: shift detection only);
 - 3bpa: train_300K.xyz -> shifted: train_mixedT.xyz (300, 600 and 1200 K MD) without the 31
-  frames it shares with train_300K.xyz; in distribution: the held-out 20 % of train_300K.xyz.
+  frames it shares with train_300K.xyz; in distribution: the held-out 20 % of train_300K.xyz;
+- water: the boxes of water_cheng2019 whose density lies in the middle half (0.84-0.95 g/cm^3)
+  -> in distribution: held-out central boxes; shifted: 50 boxes of the low-density tail
+  (< 0.79 g/cm^3) and 50 of the high-density tail (> 1.06 g/cm^3), 10 % of the set each.
 """
 
 from __future__ import annotations
@@ -23,24 +26,60 @@ import sys
 import time
 from pathlib import Path
 
-from runner import ROOT, RUNS, RunFailed, train_run
+from runner import DATA, ROOT, RUNS, RunFailed, train_run
 
 SHIFT_RUNS = RUNS / "shift"
 
 #: method -> the `e2ip train --set` options on top of the data set's config
 TRAINED = {
-    "e2ip": [],
+    "e2ip": ["head.evidence=learned"],  # the paper's e2IP (the default is the feature distance)
     "eip": ["model.head=eip"],
     "ensemble": ["model.head=none", "ensemble.size=5"],
 }
+
+
+#: water density bands, g/cm^3: the training band and the two shifted tails
+WATER_BANDS = {"central": (0.84, 0.95), "low": (0.0, 0.79), "high": (1.06, 10.0)}
+WATER_DATA = SHIFT_RUNS / "water" / "data"
+N_SHIFTED = 50  # boxes per shifted tail
 
 
 def run_dir(dataset: str, method: str, seed: int) -> Path:
     return SHIFT_RUNS / dataset / method / f"seed{seed}"
 
 
+def water_density(atoms) -> float:
+    """Mass density of a periodic box, g/cm^3 (amu/Å^3 x 1.66054)."""
+    return float(atoms.get_masses().sum() / atoms.get_volume() * 1.66053907)
+
+
+def write_water_bands() -> None:
+    """Split water_cheng2019 by density into central.extxyz (all of the band, in file order) and
+    low/high.extxyz (N_SHIFTED boxes of each tail, a fixed random choice), unless written."""
+    if all((WATER_DATA / f"{band}.extxyz").exists() for band in WATER_BANDS):
+        return
+    import numpy as np
+    from ase.io import read, write
+
+    frames = read(DATA / "water_cheng2019" / "water_cheng2019.extxyz", index=":")
+    density = np.array([water_density(a) for a in frames])
+    WATER_DATA.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for band, (low, high) in WATER_BANDS.items():
+        chosen = np.flatnonzero((density >= low) & (density <= high))
+        if band != "central":
+            chosen = np.sort(rng.choice(chosen, N_SHIFTED, replace=False))
+        tmp = WATER_DATA / f"{band}.extxyz.tmp"
+        write(tmp, [frames[k] for k in chosen], format="extxyz")
+        tmp.replace(WATER_DATA / f"{band}.extxyz")
+        print(f"water {band}: {len(chosen)} boxes, density {density[chosen].min():.3f}-"
+              f"{density[chosen].max():.3f} g/cm^3", flush=True)
+
+
 def train(dataset: str, seeds: list[int], methods: list[str]) -> None:
     config = ROOT / "experiments" / "configs" / f"shift_{dataset}.yaml"
+    if dataset == "water":
+        write_water_bands()
     for seed in seeds:
         for method in methods:
             start = time.time()
@@ -56,7 +95,7 @@ def train(dataset: str, seeds: list[int], methods: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["train", "report", "timing"])
-    parser.add_argument("--dataset", choices=["ethanol", "3bpa"], required=True)
+    parser.add_argument("--dataset", choices=["ethanol", "3bpa", "water"], required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(TRAINED), choices=list(TRAINED))
     parser.add_argument("--timing", action="store_true",
