@@ -9,11 +9,13 @@ ensemble-selected frames, and what uncertainty-aware and uncertainty-driven MD d
    select by their spread); 3 seeds each. Force MAE on both test sets vs labelled frames.
 3. Uncertainty-aware MD: the round-0 e2IP models at 1200 K, plain vs stopped at a threshold
    (3x the largest forces_uncertainty on the training frames); a blow-up is a C-H/C-C/C-O/O-H bond
-   past 2 Å or an xTB force error above 10 eV/Å (checked every 10 steps).
+   past 2 Å or an xTB force error above 10 eV/Å (checked every 10 steps); phase stop_fd: the
+   same with those models switched to the feature-distance evidence (the default since);
+   phases calm and calm_fd: the same models for 1 ps at 300 K, the false-alarm side.
 4. Uncertainty-driven MD at 300 K vs plain MD at 300 K: diversity of the frames (xTB energy
    spread, model force error against xTB, descriptor spread).
 
-    python benchmarks/active_learning_xtb.py [--phases data,al,stop,bias] [--seeds 3]
+    python benchmarks/active_learning_xtb.py [--phases data,al,stop,bias,stop_fd,calm,calm_fd] [--seeds 3]
 """
 
 from __future__ import annotations
@@ -138,34 +140,72 @@ def per_atom_uncertainties(model: Path, frames) -> list:
     return out
 
 
-def run_stop(out: Path, seeds: int) -> dict:
-    """Uncertainty-aware MD at 1200 K with the round-0 e2IP models."""
+def with_feature_distance(model: Path) -> Path:
+    """model_fd.pt beside a trained e2IP model file: the same weights with the feature-distance
+    evidence, fitted on the run's own training split and calibrated on its validation split."""
+    from e2ip.model_io import load_model
+    from e2ip.train.config import load_config
+    from e2ip.train.datasets import prepare_data
+
+    path = model.with_name("model_fd.pt")
+    if not path.exists():
+        data = prepare_data(load_config(model.parent / "config.yaml").data)
+        fd = load_model(model).with_feature_distance(data.train)
+        fd.calibrate(data.validation)
+        fd.save(path)
+    return path
+
+
+LOWER_THRESHOLDS = (1.5, 2.0)  # multiples of the training maximum recorded beside the 3x
+
+
+def run_stop(out: Path, seeds: int, evidence: str = "learned", temperature: float = 1200,
+             steps: int = 3000) -> dict:
+    """Uncertainty-aware MD with the round-0 e2IP models (as trained, or switched to the
+    feature-distance evidence): at 1200 K, does the uncertainty pass the threshold before the
+    blow-up; at 300 K (phases calm, calm_fd), how often does it pass it where nothing blows up
+    (false alarms)."""
     from e2ip.calculator import E2IPCalculator
 
     train = read(out / "train_300K.extxyz", index=":")
     rows = []
     for seed in range(seeds):
         model = out / f"e2ip_seed{seed}/round_00/model/model.pt"
+        if evidence == "feature_distance":
+            model = with_feature_distance(model)
         threshold = 3 * max(float(u.max()) for u in per_atom_uncertainties(model, train))
         for run in range(5):
             atoms = train[run].copy()
             atoms.calc = E2IPCalculator(model)
             pairs = bonds(atoms)
-            MaxwellBoltzmannDistribution(atoms, temperature_K=1200,
+            MaxwellBoltzmannDistribution(atoms, temperature_K=temperature,
                                          rng=np.random.default_rng(100 * seed + run))
-            dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=1200, friction=0.02 / units.fs,
-                           fixcm=False, rng=np.random.default_rng(100 * seed + run))
-            first_exceed, blow_up = None, None
-            for _ in dyn.irun(3000):
+            dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=temperature,
+                           friction=0.02 / units.fs, fixcm=False,
+                           rng=np.random.default_rng(100 * seed + run))
+            first_exceed, blow_up, peak = None, None, 0.0
+            lower = dict.fromkeys(LOWER_THRESHOLDS)  # first step past k x the training maximum
+            above = dict.fromkeys((*LOWER_THRESHOLDS, 3.0), 0)  # steps past k x, counted
+            for _ in dyn.irun(steps):
                 step = dyn.nsteps
                 u = float(atoms.calc.results["forces_uncertainty"].max())
+                peak = max(peak, u)
                 if first_exceed is None and u > threshold:
                     first_exceed = step
+                for k in lower:
+                    if lower[k] is None and u > k / 3 * threshold:
+                        lower[k] = step
+                for k in above:
+                    above[k] += u > k / 3 * threshold
                 if step % 10 == 0 and blown_up(atoms, pairs, atoms.calc.results["forces"]):
                     blow_up = step
                     break
             rows.append({"seed": seed, "run": run, "threshold": threshold,
-                         "first_exceed": first_exceed, "blow_up": blow_up})
+                         "temperature_K": temperature, "steps": dyn.nsteps,
+                         "first_exceed": first_exceed, "blow_up": blow_up,
+                         "max_uncertainty_over_threshold": peak / threshold,
+                         "first_exceed_lower": {str(k): v for k, v in lower.items()},
+                         "steps_above": {str(k): v for k, v in above.items()}})
             print(rows[-1], flush=True)
     return {"runs": rows}
 
@@ -227,7 +267,10 @@ def main() -> None:
     phases = args.phases.split(",")
     if "data" in phases and not (out / "test_600K.extxyz").exists():
         make_data(out)
-    for phase, fn in (("al", run_al), ("stop", run_stop), ("bias", run_bias)):
+    for phase, fn in (("al", run_al), ("stop", run_stop), ("bias", run_bias),
+                      ("stop_fd", lambda o, n: run_stop(o, n, "feature_distance")),
+                      ("calm", lambda o, n: run_stop(o, n, temperature=300, steps=2000)),
+                      ("calm_fd", lambda o, n: run_stop(o, n, "feature_distance", 300, 2000))):
         if phase in phases:
             t0 = time.perf_counter()
             results[phase] = fn(out, args.seeds)
