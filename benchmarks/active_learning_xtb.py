@@ -156,7 +156,7 @@ def with_feature_distance(model: Path) -> Path:
     return path
 
 
-LOWER_THRESHOLDS = (1.5, 2.0)  # multiples of the training maximum recorded beside the 3x
+MULTIPLES = (1.5, 2.0, 3.0)  # thresholds recorded, x the training maximum (3x: `first_exceed`)
 
 
 def run_stop(out: Path, seeds: int, evidence: str = "learned", temperature: float = 1200,
@@ -183,28 +183,26 @@ def run_stop(out: Path, seeds: int, evidence: str = "learned", temperature: floa
             dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=temperature,
                            friction=0.02 / units.fs, fixcm=False,
                            rng=np.random.default_rng(100 * seed + run))
-            first_exceed, blow_up, peak = None, None, 0.0
-            lower = dict.fromkeys(LOWER_THRESHOLDS)  # first step past k x the training maximum
-            above = dict.fromkeys((*LOWER_THRESHOLDS, 3.0), 0)  # steps past k x, counted
+            blow_up, peak = None, 0.0
+            first = dict.fromkeys(MULTIPLES)  # first step past k x the training maximum
+            above = dict.fromkeys(MULTIPLES, 0)  # steps past k x the training maximum
             for _ in dyn.irun(steps):
                 step = dyn.nsteps
                 u = float(atoms.calc.results["forces_uncertainty"].max())
                 peak = max(peak, u)
-                if first_exceed is None and u > threshold:
-                    first_exceed = step
-                for k in lower:
-                    if lower[k] is None and u > k / 3 * threshold:
-                        lower[k] = step
-                for k in above:
-                    above[k] += u > k / 3 * threshold
+                for k in MULTIPLES:
+                    if u > k / 3 * threshold:
+                        above[k] += 1
+                        if first[k] is None:
+                            first[k] = step
                 if step % 10 == 0 and blown_up(atoms, pairs, atoms.calc.results["forces"]):
                     blow_up = step
                     break
             rows.append({"seed": seed, "run": run, "threshold": threshold,
                          "temperature_K": temperature, "steps": dyn.nsteps,
-                         "first_exceed": first_exceed, "blow_up": blow_up,
+                         "first_exceed": first[3.0], "blow_up": blow_up,
                          "max_uncertainty_over_threshold": peak / threshold,
-                         "first_exceed_lower": {str(k): v for k, v in lower.items()},
+                         "first_exceed_lower": {str(k): first[k] for k in MULTIPLES[:-1]},
                          "steps_above": {str(k): v for k, v in above.items()}})
             print(rows[-1], flush=True)
     return {"runs": rows}
