@@ -3,7 +3,7 @@ ensemble-selected frames, and what uncertainty-aware and uncertainty-driven MD d
 
 1. Reference data, all labelled by GFN2-xTB: Langevin MD with xTB at 300 K (the 50 starting
    frames, and an independent trajectory for the 300 K test set) and at 600 K (test set).
-2. Active learning (`e2ip.active_learning`), 5 rounds x 10 frames from 50, candidates from 500 K
+2. Active learning (`e2ip.dynamics.active_learning.loop`), 5 rounds x 10 frames from 50, candidates from 500 K
    model MD; strategies: e2ip (single PaiNN + e2IP, select by its epistemic uncertainty), random
    (same model, random frames), ensemble (5 plain PaiNN members, each with the full budget,
    select by their spread); 3 seeds each. Force MAE on both test sets vs labelled frames.
@@ -66,7 +66,7 @@ def xtb_md(start, temperature: float, steps: int, every: int, seed: int):
 
 
 def make_data(out: Path) -> None:
-    from e2ip.data.readers import read_structures
+    from e2ip.data.read import read_structures
 
     start = read_structures(ROOT / "src/e2ip/data/demo/rmd17_ethanol_demo.npz", index=":1")[0]
     start = start.to_atoms()
@@ -79,7 +79,8 @@ def make_data(out: Path) -> None:
 
 
 def run_al(out: Path, seeds: int) -> dict:
-    from e2ip.active_learning import load_al_config, run_active_learning
+    from e2ip.dynamics.active_learning.config import load_al_config
+    from e2ip.dynamics.active_learning.loop import run_active_learning
 
     curves = {}
     for strategy in STRATEGIES:
@@ -129,7 +130,7 @@ def blown_up(atoms, pairs, model_forces) -> bool:
 
 def per_atom_uncertainties(model: Path, frames) -> list:
     """The calculator's per-atom forces_uncertainty (eV/Å) for each frame."""
-    from e2ip.calculator import E2IPCalculator
+    from e2ip.integrations.ase_calculator import E2IPCalculator
 
     calc = E2IPCalculator(model)
     out = []
@@ -143,8 +144,8 @@ def per_atom_uncertainties(model: Path, frames) -> list:
 def with_feature_distance(model: Path) -> Path:
     """model_fd.pt beside a trained e2IP model file: the same weights with the feature-distance
     evidence, fitted on the run's own training split and calibrated on its validation split."""
-    from e2ip.model_io import load_model
-    from e2ip.train.config import load_config
+    from e2ip.models.io import load_model
+    from e2ip.train.config.yaml_io import load_config
     from e2ip.train.datasets import prepare_data
 
     path = model.with_name("model_fd.pt")
@@ -165,7 +166,7 @@ def run_stop(out: Path, seeds: int, evidence: str = "learned", temperature: floa
     feature-distance evidence): at 1200 K, does the uncertainty pass the threshold before the
     blow-up; at 300 K (phases calm, calm_fd), how often does it pass it where nothing blows up
     (false alarms)."""
-    from e2ip.calculator import E2IPCalculator
+    from e2ip.integrations.ase_calculator import E2IPCalculator
 
     train = read(out / "train_300K.extxyz", index=":")
     rows = []
@@ -209,7 +210,7 @@ def run_stop(out: Path, seeds: int, evidence: str = "learned", temperature: floa
 
 
 def descriptor_spread(frames) -> float:
-    from e2ip.active_learning import distance_histogram
+    from e2ip.dynamics.active_learning.selection import distance_histogram
 
     d = np.stack([distance_histogram(f) for f in frames])
     return float(np.linalg.norm(d - d.mean(0), axis=1).mean())
@@ -217,9 +218,9 @@ def descriptor_spread(frames) -> float:
 
 def run_bias(out: Path, seeds: int) -> dict:
     """Plain vs uncertainty-driven MD at 300 K with the round-0 e2IP models."""
-    from e2ip.bias import UncertaintyBias
-    from e2ip.calculator import E2IPCalculator
-    from e2ip.md import run_md
+    from e2ip.models.bias import UncertaintyBias
+    from e2ip.integrations.ase_calculator import E2IPCalculator
+    from e2ip.dynamics.md import run_md
 
     train = read(out / "train_300K.extxyz", index=":")
     rows = []

@@ -3,7 +3,7 @@
     python benchmarks/bench_cost.py --out benchmarks/results/cost_cpu.json [--device cuda]
 
 Energy + forces (+ covariances) for a batch of rMD17 aspirin structures, median over repeats
-after warm-up (SPEC 7). Models are untrained (cost does not depend on the weights).
+after warm-up (docs/maths.md §7). Models are untrained (cost does not depend on the weights).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from e2ip.data.graph import graph_from_structures
-from e2ip.data.readers import read_structures
-from e2ip.ensemble import Ensemble
-from e2ip.model import PotentialModel
+from e2ip.data.read import read_structures
+from e2ip.models.ensemble import Ensemble
+from e2ip.models.single import PotentialModel
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/rmd17/rmd17_aspirin_test_01.npz"
 

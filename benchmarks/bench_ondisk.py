@@ -61,7 +61,7 @@ def _epochs(dataset, workers: int) -> list[float]:
 
 
 def phase_convert(replicate: int, h5: str) -> dict:
-    from e2ip.data.ondisk import convert
+    from e2ip.data.convert import convert
 
     base = _peak_mb()
     t0 = time.perf_counter()
@@ -76,7 +76,7 @@ def phase_load(kind: str, replicate: int, workers: int, h5: str) -> dict:
     import torch
 
     from e2ip.data.graph import GraphDataset
-    from e2ip.data.readers import read_structures
+    from e2ip.data.read import read_structures
 
     torch.set_num_threads(1)
     base = _peak_mb()

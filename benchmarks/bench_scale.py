@@ -94,7 +94,7 @@ def one_evaluate(rep: int, chunk: int, out: str, xyz: str) -> None:
     torch.set_num_threads(THREADS)
     model_path = Path(out).with_suffix(".pt")
     _model(chunk).save(model_path)
-    import e2ip.model_io as model_io
+    import e2ip.models.io as model_io
 
     original = model_io.load_model
 

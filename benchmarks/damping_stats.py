@@ -13,7 +13,7 @@ import torch
 
 from e2ip import load_model
 from e2ip.data.graph import graph_from_structures
-from e2ip.train.config import load_config
+from e2ip.train.config.yaml_io import load_config
 from e2ip.train.datasets import prepare_data
 
 

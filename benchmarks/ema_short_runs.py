@@ -16,10 +16,10 @@ import torch
 
 import e2ip
 from e2ip import load_model
-from e2ip.data.readers import read_structures
-from e2ip.evaluation import collect
-from e2ip.model import PotentialModel
-from e2ip.train.config import load_config
+from e2ip.data.read import read_structures
+from e2ip.evaluation.evaluate import collect
+from e2ip.models.single import PotentialModel
+from e2ip.train.config.yaml_io import load_config
 from e2ip.train.datasets import demo_data_path
 from e2ip.train.run import run_training
 

@@ -14,9 +14,9 @@ import argparse
 import torch
 
 from e2ip import PotentialModel, load_model
-from e2ip.evaluation import evaluate
-from e2ip.potential import portable_state_dict
-from e2ip.train.config import load_config
+from e2ip.evaluation.evaluate import evaluate
+from e2ip.models.state import portable_state_dict
+from e2ip.train.config.yaml_io import load_config
 from e2ip.train.datasets import prepare_data
 
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from e2ip import load_model
-from e2ip.train.config import load_config
+from e2ip.train.config.yaml_io import load_config
 from e2ip.train.datasets import prepare_data
 
 

@@ -121,7 +121,7 @@ def case_key(case: dict) -> str:
 def structures(system: str):
     """The structures of a named system: aspirinB (a batch of B frames; `aspirin` = 32),
     waterR (the water box repeated R x R x R)."""
-    from e2ip.data.readers import read_structures
+    from e2ip.data.read import read_structures
     from e2ip.data.structures import Structure
 
     if system.startswith("aspirin"):
@@ -143,8 +143,8 @@ def elements(system: str) -> list[int]:
 def build(variant: str, backbone: str, system: str, dtype, device):
     import torch
 
-    from e2ip.ensemble import Ensemble
-    from e2ip.model import PotentialModel
+    from e2ip.models.ensemble import Ensemble
+    from e2ip.models.single import PotentialModel
 
     torch.manual_seed(0)
 
@@ -275,7 +275,7 @@ def run_case(case: dict, device_name: str, threads: int, budget: float) -> dict:
                    repeats=reps, ms_per_atom=1e3 * seconds / n_atoms)
 
     elif kind in ("training", "compile_training", "graph_share"):
-        from e2ip.model import PotentialModel
+        from e2ip.models.single import PotentialModel
 
         structs = structures(case["system"])
         graph = graph_from_structures(structs, 5.0, dtype).to(device)
@@ -367,7 +367,7 @@ def run_case(case: dict, device_name: str, threads: int, budget: float) -> dict:
     elif kind == "calculator":
         import numpy as np
 
-        from e2ip.calculator import E2IPCalculator
+        from e2ip.integrations.ase_calculator import E2IPCalculator
         from e2ip.data.structures import Structure
 
         structs = structures(case["system"])

@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback
 
 from e2ip.data.graph import graph_from_structures
 from e2ip.errors import E2IPError
-from e2ip.train.config import load_config
+from e2ip.train.config.yaml_io import load_config
 from e2ip.train.datasets import prepare_data
 from e2ip.train.fit import train_model
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from e2ip.data.readers import read_structures
-from e2ip.metrics import random_rotations
-from e2ip.model_io import load_model
+from e2ip.data.read import read_structures
+from e2ip.stats.metrics import random_rotations
+from e2ip.models.io import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "experiments" / "runs" / "shift" / "ethanol"

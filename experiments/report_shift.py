@@ -15,11 +15,11 @@ from runner import DATA, RESULTS, ROOT, mean_std, prepared, train_seconds
 from scipy import stats
 from uncertainty_shift import WATER_DATA, run_dir
 
-from e2ip.calibration import fit_variance_scale
-from e2ip.data.readers import read_structures
-from e2ip.evaluation import collect, evaluate, time_per_atom_ms
-from e2ip.model import PotentialModel
-from e2ip.model_io import load_model
+from e2ip.stats.calibration import fit_variance_scale
+from e2ip.data.read import read_structures
+from e2ip.evaluation.evaluate import collect, evaluate, time_per_atom_ms
+from e2ip.models.single import PotentialModel
+from e2ip.models.io import load_model
 
 #: (row label, trained method, form, post-hoc variant, per-structure aggregate)
 ROWS = [
@@ -187,7 +187,7 @@ def update_timing(dataset: str) -> None:
 
 
 def _auc_only(model, structures, reference, form, aggregate, batch_size: int) -> float:
-    from e2ip import metrics as M
+    from e2ip.stats import metrics as M
     c = collect(model, structures, batch_size, forms=[form])
     r = collect(model, reference, batch_size, forms=[form])
     u, _ = M.per_structure(c.forms[form].u_epi, c.forces, c.batch, aggregate)

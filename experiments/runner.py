@@ -49,7 +49,7 @@ def train_run(config: Path, out: Path, overrides: list[str], seed: int, threads:
 def prepared(config: Path):
     """(config, prepared data) of an experiment config, whose data paths are relative to the
     project root, read from there whatever the current folder."""
-    from e2ip.train.config import load_config
+    from e2ip.train.config.yaml_io import load_config
     from e2ip.train.datasets import prepare_data
 
     cwd = Path.cwd()

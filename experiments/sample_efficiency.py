@@ -64,10 +64,10 @@ def train(molecules: list[str], seeds: list[int], data: str | None) -> None:
 
 
 def report(molecules: list[str], seeds: list[int], data: str | None) -> None:
-    from e2ip.data.readers import read_structures
-    from e2ip.evaluation import evaluate
-    from e2ip.model_io import load_model
-    from e2ip.train.config import load_config
+    from e2ip.data.read import read_structures
+    from e2ip.evaluation.evaluate import evaluate
+    from e2ip.models.io import load_model
+    from e2ip.train.config.yaml_io import load_config
     from e2ip.train.datasets import prepare_data
 
     torch.set_num_threads(1)

@@ -28,7 +28,7 @@ METHODS = {
     "ensemble": ["model.head=none", "ensemble.size=5"],
     "het_ensemble": ["model.head=mve", "ensemble.size=5"],
 }
-#: (row, method, form); the paper's numbers (SPEC 8, AlphaNet on a GPU) beside the matching rows
+#: (row, method, form); the paper's numbers (docs/maths.md §8, AlphaNet on a GPU) beside the matching rows
 ROWS = [
     ("Ensemble (raw), 5 models", "ensemble", "raw"),
     ("Ensemble (cal)", "ensemble", "cal"),
@@ -65,10 +65,10 @@ def train(seeds: list[int], methods: list[str], threads: int) -> None:
 
 
 def report(seeds: list[int], timing: bool) -> None:
-    from e2ip import metrics as M
-    from e2ip.evaluation import collect, compute_metrics, time_per_atom_ms
-    from e2ip.model_io import load_model
-    from e2ip.plots import plot_calibration, plot_pit
+    from e2ip.stats import metrics as M
+    from e2ip.evaluation.evaluate import collect, compute_metrics, time_per_atom_ms
+    from e2ip.models.io import load_model
+    from e2ip.evaluation.plots import plot_calibration, plot_pit
 
     torch.set_num_threads(1)
     cfg, data = prepared(CONFIG)

@@ -38,7 +38,10 @@ def short_repr(value, limit: int = 60) -> str:
     return shorten(" ".join(repr(value).split()), limit)
 
 
-def first_line(exc: BaseException, limit: int = 160) -> str:
+def first_line(exc: BaseException, limit: int = 160, with_type: bool = False) -> str:
     """The first line of an exception's message (its type name when empty), at most `limit`
-    characters."""
+    characters; with_type: as ``Type: first line`` (cut with '...')."""
+    if with_type:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return shorten(f"{type(exc).__name__}: {first}" if first else type(exc).__name__, limit)
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

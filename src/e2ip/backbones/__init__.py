@@ -1,9 +1,9 @@
 """Equivariant backbones behind one interface (:mod:`e2ip.backbones.base`)."""
 
-from .alphanet import AlphaNetBackbone
-from .base import Backbone, BackboneOutput
-from .painn import PaiNN
-from .tensor_product import TensorProductBackbone
+from e2ip.backbones.alphanet import AlphaNetBackbone
+from e2ip.backbones.base import Backbone, BackboneOutput
+from e2ip.backbones.painn import PaiNN
+from e2ip.backbones.tensor_product import TensorProductBackbone
 
 BACKBONES: dict[str, type[Backbone]] = {
     PaiNN.name: PaiNN,

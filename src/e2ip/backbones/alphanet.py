@@ -36,18 +36,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import (
-    Backbone,
-    BackboneOutput,
-    BesselBasis,
-    cosine_cutoff,
-    l2_basis_tensor,
-    mlp,
-    scatter_sum,
-    sum_over_edges,
-    sym_outer_l2,
-)
-from .painn import PaiNNUpdate
+from e2ip.backbones.base import Backbone, BackboneOutput
+from e2ip.backbones.painn import PaiNNUpdate
+from e2ip.nn.irreps import l2_basis_tensor, sym_outer_l2
+from e2ip.nn.mlp import mlp
+from e2ip.nn.radial import BesselBasis, cosine_cutoff
+from e2ip.nn.scatter import scatter_sum, sum_over_edges
 
 NUM_GEOMETRY = 6  # per-edge geometric invariants of the frame (see `edge_frames`)
 # (a, b) axis pairs of the symmetric tensors sym(e_a (x) e_b) used for the 2e output.
@@ -56,21 +50,26 @@ _PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
 
 @dataclass
 class AlphaNetHyperparameters:
-    """num_features: width of scalar and vector channels; num_tensors: 2e output channels;
-    num_layers: message-passing blocks; num_radial: Bessel functions; frame_channels: vector
-    channels projected into the edge frames to make invariants; edge_hidden: width of the edge MLP
-    on the invariants (0: num_features); frame_eps: regulariser (Å) of the second frame axis;
-    avg_num_neighbors: messages are divided by this; readout_hidden: width of the energy MLP
-    (0: num_features//2)."""
+    """AlphaNet-like backbone: scalar and vector channels with invariants from local edge frames,
+    plus native 2e outputs."""
 
+    #: Width of the scalar and vector channels.
     num_features: int = 64
+    #: Number of 2e (rank-2 tensor) output channels.
     num_tensors: int = 8
+    #: Number of message-passing blocks.
     num_layers: int = 3
+    #: Number of Bessel radial basis functions.
     num_radial: int = 20
+    #: Vector channels projected into the edge frames to make invariants.
     frame_channels: int = 16
+    #: Width of the edge MLP on the invariants (0: num_features).
     edge_hidden: int = 0
+    #: Regulariser of the second frame axis (Å).
     frame_eps: float = 0.25
+    #: Messages are divided by this (set it to the data's mean neighbour count).
     avg_num_neighbors: float = 10.0
+    #: Width of the hidden layer of the energy MLP (0: num_features // 2).
     readout_hidden: int = 0
 
 

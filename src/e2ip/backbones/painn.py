@@ -7,19 +7,25 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Backbone, BackboneOutput, BesselBasis, cosine_cutoff, mlp, sum_over_edges
+from e2ip.backbones.base import Backbone, BackboneOutput
+from e2ip.nn.mlp import mlp
+from e2ip.nn.radial import BesselBasis, cosine_cutoff
+from e2ip.nn.scatter import sum_over_edges
 
 
 @dataclass
 class PaiNNHyperparameters:
-    """num_features: width of scalar and vector channels; num_layers: message-passing blocks;
-    num_radial: Bessel functions; readout_hidden: width of the energy MLP (0: num_features//2);
-    avg_num_neighbors: messages are divided by this (1 = plain PaiNN sum)."""
+    """PaiNN: scalar and vector (1o) channels updated by equivariant message passing."""
 
+    #: Width of the scalar and vector channels.
     num_features: int = 64
+    #: Number of message-passing blocks.
     num_layers: int = 3
+    #: Number of Bessel radial basis functions.
     num_radial: int = 20
+    #: Width of the hidden layer of the energy MLP (0: num_features // 2).
     readout_hidden: int = 0
+    #: Messages are divided by this (1: the plain PaiNN sum).
     avg_num_neighbors: float = 1.0
 
 

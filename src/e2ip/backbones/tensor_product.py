@@ -29,29 +29,38 @@ from e3nn import o3
 from e3nn.nn import FullyConnectedNet, Gate
 from torch import nn
 
-from .base import Backbone, BackboneOutput, BesselBasis, mlp, polynomial_cutoff, sum_over_edges
+from e2ip.backbones.base import Backbone, BackboneOutput
+from e2ip.nn.mlp import mlp
+from e2ip.nn.radial import BesselBasis, polynomial_cutoff
+from e2ip.nn.scatter import sum_over_edges
 
 
 @dataclass
 class TensorProductHyperparameters:
-    """num_scalars, num_vectors, num_tensors: multiplicities of 0e, 1o, 2e in the hidden irreps;
-    num_layers: interaction blocks; num_radial: Bessel functions; radial_hidden: width of the two
-    hidden layers of the radial MLPs; cutoff_p: order of the polynomial cutoff envelope;
-    avg_num_neighbors: messages are divided by this (set it to the data's mean neighbour count);
-    correlation: 1 = NequIP-like 2-body messages, 2 = adds the MACE-like product A (x) A;
-    product_channels: channels k of A = k x (0e + 1o + 2e) in the product;
-    readout_hidden: width of the energy MLP (0: num_scalars//2)."""
+    """Tensor-product backbone (NequIP-like, with a MACE-like product at correlation 2) on
+    0e + 1o + 2e hidden irreps."""
 
+    #: Multiplicity of scalars (0e) in the hidden irreps.
     num_scalars: int = 32
+    #: Multiplicity of vectors (1o) in the hidden irreps.
     num_vectors: int = 16
+    #: Multiplicity of rank-2 tensors (2e) in the hidden irreps.
     num_tensors: int = 8
+    #: Number of interaction blocks.
     num_layers: int = 3
+    #: Number of Bessel radial basis functions.
     num_radial: int = 8
+    #: Width of the two hidden layers of the radial MLPs.
     radial_hidden: int = 64
+    #: Order p of the polynomial cutoff envelope.
     cutoff_p: int = 6
+    #: Messages are divided by this (set it to the data's mean neighbour count).
     avg_num_neighbors: float = 10.0
+    #: 1: NequIP-like 2-body messages; 2: adds the MACE-like product A (x) A.
     correlation: int = 2
+    #: Channels k of A = k x (0e + 1o + 2e) in the product (correlation 2).
     product_channels: int = 16
+    #: Width of the hidden layer of the energy MLP (0: num_scalars // 2).
     readout_hidden: int = 0
 
 

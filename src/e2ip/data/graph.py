@@ -14,8 +14,8 @@ from functools import partial
 import numpy as np
 import torch
 
-from .neighbors import neighbor_list
-from .structures import Structure
+from e2ip.data.neighbors import neighbor_list
+from e2ip.data.structures import Structure
 
 
 @dataclass
@@ -119,7 +119,7 @@ class GraphDataset(torch.utils.data.Dataset):
     """Structures with their neighbour lists.
 
     In memory (a list of structures) the lists are computed once, here (positions are fixed
-    in training). A lazy sequence (:class:`~e2ip.data.ondisk.OnDiskStructures`, data larger
+    in training). A lazy sequence (:class:`~e2ip.data.formats.hdf5.OnDiskStructures`, data larger
     than memory) is read and its neighbour lists built in :meth:`__getitem__`, i.e. in the
     DataLoader's workers, frame by frame; the records, and so the batches, are the same.
     `lazy`: force one way or the other (None: lazy exactly for lazy sequences)."""

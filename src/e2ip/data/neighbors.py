@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from ..errors import DataError
+from e2ip.errors import DataError
 
 #: vesin is used when the product over the three axes of (box length / cutoff) is at most
 #: VESIN_MAX_CELLS and no box length exceeds VESIN_MAX_RATIO cutoffs (vesin rescales its bins

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .structures import DataError, Structure
+from e2ip.data.structures import DataError, Structure
 
 
 def check_split(fractions: Sequence[float], name: str = "split fractions") -> None:
@@ -62,7 +62,7 @@ def fit_reference_energies_from_counts(counts: np.ndarray, energies: np.ndarray)
 
 def reference_energies_from_file(path, elements: Sequence[int]) -> np.ndarray:
     """Per-element energies from a file of isolated atoms (one atom per frame, eV)."""
-    from .readers import read_structures
+    from e2ip.data.read import read_structures
 
     atoms = read_structures(path, require_forces=False)
     table = {}

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import DataError
+from e2ip.errors import DataError
 
 __all__ = ["DataError", "Structure"]
 
@@ -52,3 +52,24 @@ class Structure:
         from ase import Atoms
 
         return Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
+
+
+
+
+def to_structures(inputs) -> list[Structure]:
+    """Normalise ase.Atoms / Structure / lists of them into a list of Structures."""
+    if isinstance(inputs, Structure):
+        return [inputs]
+    from ase import Atoms
+
+    if isinstance(inputs, Atoms):
+        return [Structure.from_atoms(inputs)]
+    out = []
+    for k, item in enumerate(inputs):
+        if isinstance(item, Structure):
+            out.append(item)
+        elif isinstance(item, Atoms):
+            out.append(Structure.from_atoms(item, frame=k))
+        else:
+            raise TypeError(f"cannot predict on {type(item).__name__}; pass ase.Atoms or Structure")
+    return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import ConfigError
+from e2ip.errors import ConfigError
 
 #: multiply a value in this unit by the factor to get eV
 ENERGY_UNITS: dict[str, float] = {

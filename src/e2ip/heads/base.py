@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..backbones.base import BackboneOutput
-from ..losses import force_mse
-from ..predictive import Predictive
+from e2ip.backbones.base import BackboneOutput
+from e2ip.stats.losses import force_mse
+from e2ip.stats.predictive import Predictive
 
 
 @dataclass
@@ -21,7 +22,7 @@ class FeatureDims:
     num_tensors: int = 0
 
 
-class Head(nn.Module):
+class Head(nn.Module, ABC):
     """A head reads :class:`BackboneOutput` and the force mean (N, 3), and offers:
 
     - ``forward(features) -> dict`` of per-atom parameters,
@@ -36,8 +37,12 @@ class Head(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    #: the method's name in tables and plots (:meth:`describe` may refine it per instance)
+    label: ClassVar[str] = ""
     Hyperparameters: ClassVar[type] = object
     has_uncertainty: ClassVar[bool] = True
+    #: whether the head can take the feature-distance evidence (:meth:`feature_distance_options`)
+    supports_feature_distance: ClassVar[bool] = False
     #: False for a head with aleatoric uncertainty only (its epistemic covariance is zero)
     has_epistemic: ClassVar[bool] = True
     uses_feature_statistics: bool = False
@@ -57,14 +62,19 @@ class Head(nn.Module):
     def hparams_to_dict(cls, hparams) -> dict:
         return dataclasses.asdict(hparams)
 
-    @classmethod
-    def saved_options(cls, options: dict) -> dict:
-        """The options of a model file, with the settings that files written before an option
-        existed had in place of its (since changed) default."""
-        return options
 
+    def describe(self) -> str:
+        """The method's name for this instance's settings (default: :attr:`label`)."""
+        return self.label or self.name
+
+    @classmethod
+    def feature_distance_options(cls, options: dict) -> dict:
+        """`options` switched to the feature-distance evidence (heads that support it)."""
+        raise NotImplementedError(f"the {cls.name!r} head has no feature-distance evidence")
+
+    @abstractmethod
     def forward(self, features: BackboneOutput) -> dict[str, torch.Tensor]:
-        return {}
+        """Per-atom head parameters from the backbone's features."""
 
     def loss(self, params, forces, forces_ref) -> dict[str, torch.Tensor]:
         mse = force_mse(forces_ref - forces, self.force_scale)
@@ -99,5 +109,9 @@ class NoHead(Head):
     """Plain potential: force mean only, trained with the force MSE."""
 
     name = "none"
+    label = "plain"
     Hyperparameters = NoHeadHyperparameters
     has_uncertainty = False
+
+    def forward(self, features: BackboneOutput) -> dict[str, torch.Tensor]:
+        return {}

@@ -1,4 +1,4 @@
-"""Ablation "e2IP w/o equivariance" (SPEC 6): the e2IP NIW model with a lab-frame Cholesky scale.
+"""Ablation "e2IP w/o equivariance" (docs/maths.md §6): the e2IP NIW model with a lab-frame Cholesky scale.
 
 Sigma0 = sigma_F^2 (L L^T + eps I), with L lower-triangular (positive diagonal via softplus)
 predicted by an MLP from the scalars concatenated with the flattened lab-frame Cartesian components
@@ -15,12 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backbones.base import BackboneOutput, mlp
-from ..losses import niw_nll, niw_regularizer
-from ..predictive import StudentT
-from .base import FeatureDims, Head
+from e2ip.backbones.base import BackboneOutput
+from e2ip.constants import DIM as D
+from e2ip.heads.base import FeatureDims, Head
+from e2ip.nn.mlp import mlp
+from e2ip.stats.losses import niw_nll, niw_regularizer
+from e2ip.stats.predictive import StudentT
 
-D = 3
 _TRIL = torch.tril_indices(D, D)
 _DIAG = (_TRIL[0] == _TRIL[1]).nonzero().squeeze(-1)  # positions of the diagonal in the 6 entries
 _SOFTPLUS_INV_ONE = math.log(math.e - 1.0)  # softplus(x) = 1 at this x
@@ -28,14 +29,19 @@ _SOFTPLUS_INV_ONE = math.log(math.e - 1.0)  # softplus(x) = 1 at this x
 
 @dataclass
 class CholeskyHyperparameters:
-    """hidden: width of both MLPs; jitter: eps of Sigma0 = sigma_F^2 (L L^T + eps I);
-    kappa_min, nu_margin, reg_weight, nll_weight: as in the e2IP head."""
+    """The non-equivariant ablation of e2IP: NIW evidence with Sigma0 = sigma_F^2 (L L^T + eps I)."""
 
+    #: Width of the hidden layer of both MLPs.
     hidden: int = 64
+    #: eps of Sigma0 = sigma_F^2 (L L^T + eps I).
     jitter: float = 1e-6
+    #: Floor added to the evidence kappa (as in the e2IP head).
     kappa_min: float = 1e-6
+    #: nu > D + 1 + nu_margin (as in the e2IP head).
     nu_margin: float = 1.0
+    #: Weight lambda of the evidence regulariser.
     reg_weight: float = 0.01
+    #: Weight of the NIW negative log-likelihood.
     nll_weight: float = 1.0
 
 
@@ -43,6 +49,7 @@ class CholeskyHead(Head):
     """NIW evidence with Sigma0 = sigma_F^2 (L L^T + eps I), L from lab-frame features."""
 
     name = "cholesky"
+    label = "e2IP w/o equiv."
     Hyperparameters = CholeskyHyperparameters
     equivariant = False
 

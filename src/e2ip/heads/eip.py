@@ -3,7 +3,7 @@
 Deep evidential regression (Amini et al. 2020) applied to each force component k independently:
 gamma_k = mu_k (the conservative force mean from autograd, as in e2IP), and v_k, alpha_k, beta_k
 from a per-axis readout that sees the lab-frame k-th Cartesian component of the vector features.
-The readout is deliberately NOT equivariant (SPEC 6): the covariance is diagonal in the lab frame
+The readout is deliberately NOT equivariant (docs/maths.md §6): the covariance is diagonal in the lab frame
 and does not rotate with the structure.
 
 Marginal predictive per axis: Student-t with dof 2 alpha, location gamma and scale^2
@@ -17,26 +17,30 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backbones.base import BackboneOutput, mlp
-from ..losses import nig_nll, nig_regularizer
-from ..predictive import IndependentStudentT
-from .base import FeatureDims, Head
-from .spd import l2_to_matrix
-
-D = 3
+from e2ip.backbones.base import BackboneOutput
+from e2ip.constants import DIM as D
+from e2ip.heads.base import FeatureDims, Head
+from e2ip.nn.irreps import l2_to_matrix
+from e2ip.nn.mlp import mlp
+from e2ip.stats.losses import nig_nll, nig_regularizer
+from e2ip.stats.predictive import IndependentStudentT
 
 
 @dataclass
 class EIPHyperparameters:
-    """hidden: width of the per-axis MLP; v_min, alpha_margin, beta_min: floors of the NIG
-    parameters (alpha > 1 + alpha_margin, beta in units of sigma_F^2); reg_weight: weight of the
-    |e_k| (2 v + alpha) regulariser; nll_weight: weight of the NIG NLL."""
+    """The eIP head: independent Normal-Inverse-Gamma evidence per Cartesian axis."""
 
+    #: Width of the hidden layer of the per-axis MLP.
     hidden: int = 64
+    #: Floor of the NIG parameter v.
     v_min: float = 1e-6
+    #: alpha > 1 + alpha_margin.
     alpha_margin: float = 1e-6
+    #: Floor of the NIG parameter beta (in units of sigma_F^2).
     beta_min: float = 1e-6
+    #: Weight of the |e_k| (2 v + alpha) regulariser.
     reg_weight: float = 0.01
+    #: Weight of the NIG negative log-likelihood.
     nll_weight: float = 1.0
 
 
@@ -46,6 +50,7 @@ class EIPHead(Head):
     the backbone has native rank-2 features). One MLP is shared by the three axes."""
 
     name = "eip"
+    label = "eIP"
     Hyperparameters = EIPHyperparameters
     equivariant = False
 

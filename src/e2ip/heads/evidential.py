@@ -1,4 +1,5 @@
-"""The e2IP head: Normal-Inverse-Wishart evidence with an equivariant SPD scale expm(A) (SPEC 1-5)."""
+"""The e2IP head: Normal-Inverse-Wishart evidence with an equivariant SPD scale expm(A)
+(docs/maths.md §1-5)."""
 
 from __future__ import annotations
 
@@ -9,48 +10,54 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from ..backbones.base import BackboneOutput, mlp
-from ..losses import niw_nll, niw_regularizer
-from ..predictive import StudentT
-from .base import FeatureDims, Head
-from .feature_distance import FeatureDistance
-from .spd import damp_norm, damp_scalar, expm_symmetric, l2_basis, l2_to_matrix, sym_outer_l2
+from e2ip.backbones.base import BackboneOutput
+from e2ip.constants import DIM as D
+from e2ip.heads.base import FeatureDims, Head
+from e2ip.heads.feature_distance import FeatureDistance
+from e2ip.heads.spd import damp_norm, damp_scalar, expm_symmetric
+from e2ip.nn.irreps import l2_basis, l2_to_matrix, sym_outer_l2
+from e2ip.nn.mlp import mlp
+from e2ip.stats.losses import niw_nll, niw_regularizer
+from e2ip.stats.predictive import StudentT
 
-D = 3
 Evidence = Literal["learned", "feature_distance"]
 EVIDENCE = get_args(Evidence)
 
 
 @dataclass
 class E2IPHyperparameters:
-    """hidden: width of the scalar MLP; tensor_channels: number of 2e channels mixed into c2
-    (outer products of vector mixes for PaiNN-like backbones); damping and its thresholds
-    (tau0, cmax0 scalar; tau2, cmax2 tensor norm); kappa_min, nu_margin (SPEC 3);
-    The scalar window is wider than SPEC's 4/5 (measured: on rMD17 aspirin c0 saturated at -5,
-    i.e. a predicted force std >= 0.08 sigma_F, while the errors were 0.05 sigma_F, giving
-    Coverage@95 0.99 and CE 0.35); the scalar sets only the overall scale, the condition number is
-    bounded by the 2e damping (tau2, cmax2) alone.
-    reg_weight: lambda of the evidence regulariser; nll_weight: weight of the NLL.
-    evidence: "feature_distance" (the default: kappa_i / r_i, r_i the distance of atom i's
-    invariant features from the training atoms', :mod:`e2ip.heads.feature_distance`, fitted once
-    after training; the calibration then fits the epistemic part's scale beside the overall one;
-    it won on held-out data, docs/uncertainty_under_shift.md) or "learned" (the paper's e2IP
-    exactly: kappa from the readout alone; model files written before this option existed load
-    as "learned"); feature_ridge: the ridge lambda of that distance (relative to the mean
-    feature variance)."""
+    """The e2IP head (docs/maths.md §1-5). The scalar damping window (tau0, cmax0) is wider than
+    the paper's 4/5 (docs/maths.md §2): measured on rMD17 aspirin, c0 saturated at -5, i.e. a
+    predicted force std >= 0.08 sigma_F, while the errors were 0.05 sigma_F, giving Coverage@95
+    0.99 and CE 0.35. The scalar sets only the overall scale; the condition number is bounded
+    by the 2e damping (tau2, cmax2) alone."""
 
+    #: Width of the hidden layer of the scalar MLP.
     hidden: int = 64
+    #: Number of 2e channels mixed into c2 (outer products of vector mixes for PaiNN-like backbones).
     tensor_channels: int = 8
+    #: Damp the scalar c0 and the 2e part c2 (bounds the scale's condition number; false: no damping).
     damping: bool = True
+    #: Scalar damping: c0 is unchanged while |c0| <= tau0.
     tau0: float = 9.0
+    #: Scalar damping: bound on |c0|.
     cmax0: float = 10.0
+    #: Tensor damping: c2 is unchanged while its norm is <= tau2.
     tau2: float = 4.0
+    #: Tensor damping: bound on the norm of c2.
     cmax2: float = 5.0
+    #: Floor added to the evidence kappa (docs/maths.md §3).
     kappa_min: float = 1e-6
+    #: nu > D + 1 + nu_margin, so the predictive covariance stays finite (docs/maths.md §3).
     nu_margin: float = 1.0
+    #: Weight lambda of the evidence regulariser.
     reg_weight: float = 0.01
+    #: Weight of the NIW negative log-likelihood.
     nll_weight: float = 1.0
+    #: 'feature_distance' (kappa_i / r_i, r_i the distance of atom i's features from the training
+    #: atoms'; docs/uncertainty_under_shift.md) or 'learned' (the paper's e2IP: kappa from the readout).
     evidence: Evidence = "feature_distance"
+    #: Ridge lambda of the feature distance (relative to the mean feature variance).
     feature_ridge: float = 1e-3
 
 
@@ -59,17 +66,24 @@ class E2IPHead(Head):
     """Per atom: c0 (0e), c2 (2e), evidence kappa and nu; Sigma0 = expm((s_ref + c0') I + T(c2')).
 
     The 2e part is read from the backbone's native ``2e`` features when it has them, otherwise
-    built from vector features as sym(sum_k a_k (x) b_k) with a = W1 v, b = W2 v (SPEC 1).
+    built from vector features as sym(sum_k a_k (x) b_k) with a = W1 v, b = W2 v (docs/maths.md §1).
     Channels are combined with invariant gates from the scalars, which keeps equivariance.
     """
 
     name = "e2ip"
-    Hyperparameters = E2IPHyperparameters
+    label = "e2IP"
+    supports_feature_distance = True
 
     @classmethod
-    def saved_options(cls, options: dict) -> dict:
-        # files from before the evidence option had the paper's learned evidence
-        return {"evidence": "learned", **options}
+    def feature_distance_options(cls, options: dict) -> dict:
+        return {**options, "evidence": "feature_distance"}
+
+    def describe(self) -> str:
+        """'e2IP', 'e2IP w/o damping', with '-FD' for the feature-distance evidence."""
+        label = self.label if self.hparams.damping else "e2IP w/o damping"
+        return label + ("-FD" if self.uses_feature_statistics else "")
+    Hyperparameters = E2IPHyperparameters
+
 
     def __init__(self, dims: FeatureDims, force_scale: float, hparams: E2IPHyperparameters):
         super().__init__(dims, force_scale, hparams)

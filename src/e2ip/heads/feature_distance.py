@@ -5,7 +5,7 @@ atom i and C = H^T H / N + lambda (tr(H^T H / N) / F) I their (uncentred, ridge-
 second moment over the N training atoms. r is about 1 on the training data and grows as an atom's
 environment leaves it: the leverage of a linear readout on h, i.e. the local prediction rigidity /
 last-layer Laplace estimate of Bigi et al. (LLPR, 2024) for an atomic quantity, up to a constant.
-The constant is left to the calibration (:meth:`e2ip.model.PotentialModel.calibrate`).
+The constant is left to the calibration (:meth:`e2ip.models.single.PotentialModel.calibrate`).
 
 Written by hand (no library offers it): the fit streams H^T H over batches, and the per-atom cost
 is one (N, F) x (F, F) product, F the backbone's scalar width (64 for PaiNN's default).

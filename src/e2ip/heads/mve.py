@@ -4,7 +4,7 @@ Per atom an isotropic Gaussian N(mu, sigma^2 I) (Nix & Weigend 1994; Lakshminara
 2017 for its ensembles): mu is the conservative force, sigma^2 = sigma_F^2 exp(s) with s from an
 MLP on the invariant features (so rotation-invariant), trained with the Gaussian NLL. A single
 such model has aleatoric uncertainty only (its epistemic covariance is zero); in an
-:class:`~e2ip.ensemble.Ensemble` the members' variances give the aleatoric part and their spread
+:class:`~e2ip.models.ensemble.Ensemble` the members' variances give the aleatoric part and their spread
 the epistemic part.
 """
 
@@ -14,25 +14,28 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backbones.base import BackboneOutput, mlp
-from ..predictive import Gaussian
-from .base import FeatureDims, Head
-
-D = 3
+from e2ip.backbones.base import BackboneOutput
+from e2ip.constants import DIM as D
+from e2ip.heads.base import FeatureDims, Head
+from e2ip.nn.mlp import mlp
+from e2ip.stats.predictive import Gaussian
 
 
 @dataclass
 class MVEHyperparameters:
-    """hidden: width of the variance MLP; log_variance_bound: |s| <= this (a tanh bound, so
-    sigma^2 stays within exp(+-bound) sigma_F^2); nll_weight: weight of the Gaussian NLL."""
+    """Mean-variance estimation: a Gaussian with an isotropic per-atom force variance."""
 
+    #: Width of the hidden layer of the variance MLP.
     hidden: int = 64
+    #: |s| <= this (a tanh bound, so sigma^2 stays within exp(+-bound) sigma_F^2).
     log_variance_bound: float = 10.0
+    #: Weight of the Gaussian negative log-likelihood.
     nll_weight: float = 1.0
 
 
 class MVEHead(Head):
     name = "mve"
+    label = "MVE"
     Hyperparameters = MVEHyperparameters
     has_epistemic = False
 

@@ -11,25 +11,6 @@ import math
 
 import torch
 
-from ..backbones.base import l2_basis_tensor, sym_outer_l2, traceless_sym_to_l2  # noqa: F401 (re-exported)
-
-
-def l2_basis(dtype=torch.float64, device=None) -> torch.Tensor:
-    """The constant map T as a (5, 3, 3) tensor E_k (an isometry onto traceless symmetric
-    matrices), built once per dtype and device, exact to the dtype's precision."""
-    return l2_basis_tensor(dtype, device)
-
-
-def l2_to_matrix(c2: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
-    """T(c): (..., 5) -> (..., 3, 3) traceless symmetric."""
-    basis = l2_basis(c2.dtype, c2.device) if basis is None else basis
-    return torch.einsum("...k,kij->...ij", c2, basis)
-
-
-def matrix_to_l2(m: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
-    """T^T(M): the 2e coefficients of a (symmetric) matrix, (..., 3, 3) -> (..., 5)."""
-    return traceless_sym_to_l2(m, basis)
-
 
 def linear_tanh(x: torch.Tensor, tau: float, cmax: float) -> torch.Tensor:
     """g(x) = x for x <= tau, tau + (c - tau) tanh((x - tau)/(c - tau)) above (C^1, saturates at c)."""

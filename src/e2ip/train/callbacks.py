@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 
-from ..potential import is_fx_constant, portable_state_dict
+from e2ip.models.state import is_fx_constant, portable_state_dict
 
 
 def ema_decay_at(decay: float, num_averaged: int) -> float:

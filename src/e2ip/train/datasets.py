@@ -10,16 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.ondisk import is_lazy
-from ..data.readers import check_duplicates, check_elements, read_structures, without_energies
-from ..data.splits import (
+from e2ip.data.formats.hdf5 import is_lazy
+from e2ip.data.read import read_structures
+from e2ip.data.splits import (
     check_split,
     fit_reference_energies,
     reference_energies_from_file,
     split_by_fractions,
 )
-from ..data.structures import DataError, Structure
-from .config import DataConfig
+from e2ip.data.structures import DataError, Structure
+from e2ip.data.validate import check_duplicates, check_elements, without_energies
+from e2ip.train.config.schema import DataConfig
 
 log = logging.getLogger("e2ip")
 

@@ -14,16 +14,17 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 
-from ..data.graph import GraphDataset
-from ..ensemble import Ensemble
-from ..errors import first_line
-from ..model import PotentialModel
-from ..potential import portable_state_dict, read_model_payload
-from .callbacks import EpochCSVLogger, WarmupEMA
-from .config import Config, ConfigError, TrainingConfig
-from .datasets import PreparedData, prepare_data
-from .module import PotentialModule
-from .ranks import is_global_zero
+from e2ip.data.graph import GraphDataset
+from e2ip.errors import ConfigError, first_line
+from e2ip.models.ensemble import Ensemble
+from e2ip.models.io import load_model
+from e2ip.models.single import PotentialModel
+from e2ip.models.state import portable_state_dict
+from e2ip.train.callbacks import EpochCSVLogger, WarmupEMA
+from e2ip.train.config.schema import Config, TrainingConfig
+from e2ip.train.datasets import PreparedData, prepare_data
+from e2ip.train.module import PotentialModule
+from e2ip.train.ranks import is_global_zero
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
@@ -68,27 +69,21 @@ def model_spec(cfg: Config, data: PreparedData, member: int = 0,
     }
 
 
-def load_base_model(cfg: Config) -> PotentialModel | Ensemble | None:
-    """The trained model that `training.init_from` names (fine-tuning), or None. An ensemble is
-    fine-tuned member by member (`ensemble.size` must match)."""
+def load_base_members(cfg: Config) -> list[PotentialModel] | None:
+    """The single models that fine-tuning starts from (`training.init_from`: one model, or each
+    member of an ensemble, fine-tuned member by member: `ensemble.size` must match), or None."""
     if not cfg.training.init_from:
         return None
-    path = Path(cfg.training.init_from)
-    if path.is_dir():
-        path = path / "model.pt"
-    payload = read_model_payload(path)
-    kind = payload.get("kind", "model")
-    if kind == Ensemble.kind:
-        base = Ensemble.from_payload(payload, str(path))
-        if cfg.ensemble.size < 2 or base.num_members != cfg.ensemble.size:
-            raise ConfigError(f"'training.init_from': {path} is an ensemble of "
-                              f"{base.num_members}; set ensemble.size: {base.num_members} to "
-                              "fine-tune it member by member")
-        return base
-    if kind != PotentialModel.kind:
-        raise ConfigError(f"'training.init_from': {path} holds a {kind!r}, which cannot be "
+    path = cfg.training.init_from
+    base = load_model(path).train()
+    members = base.fine_tuning_members()
+    if members is None:
+        raise ConfigError(f"'training.init_from': {path} holds a {base.label()}, which cannot be "
                           "fine-tuned")
-    return PotentialModel.from_payload(payload, str(path))
+    if isinstance(base, Ensemble) and (cfg.ensemble.size < 2 or len(members) != cfg.ensemble.size):
+        raise ConfigError(f"'training.init_from': {path} is an ensemble of {len(members)}; set "
+                          f"ensemble.size: {len(members)} to fine-tune it member by member")
+    return members
 
 
 def train_model(cfg: Config, out_dir: str | Path, *, data: PreparedData | None = None,

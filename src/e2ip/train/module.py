@@ -8,9 +8,9 @@ import logging
 import lightning as L
 import torch
 
-from ..data.graph import AtomicGraph, frames_listing
-from ..errors import TrainingError
-from ..model import PotentialModel
+from e2ip.data.graph import AtomicGraph, frames_listing
+from e2ip.errors import TrainingError
+from e2ip.models.single import PotentialModel
 
 log = logging.getLogger("e2ip")
 

@@ -10,12 +10,13 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from ..ensemble import Ensemble
-from .config import Config, ConfigError, config_diff, dump_config, flat_config, load_config
-from .datasets import prepare_data
-from .ensemble import train_ensemble
-from .fit import check_trainer_settings, load_base_model, train_model
-from .ranks import is_global_zero
+from e2ip.errors import ConfigError
+from e2ip.train.config.schema import Config
+from e2ip.train.config.yaml_io import config_diff, dump_config, flat_config, load_config
+from e2ip.train.datasets import prepare_data
+from e2ip.train.ensemble import train_ensemble
+from e2ip.train.fit import check_trainer_settings, load_base_members, train_model
+from e2ip.train.ranks import is_global_zero
 
 log = logging.getLogger("e2ip")
 
@@ -73,14 +74,14 @@ def run_training(cfg: Config, out_dir: str | Path, resume: bool = False, force: 
     Under DDP every process runs this job and trains; only global rank 0 writes (config.yaml,
     checkpoints, metrics.csv, model.pt, metrics.json, plots) and calibrates and evaluates. The
     other ranks return an empty dict once training is over."""
-    from ..evaluation import evaluate_and_report, write_metrics_json
+    from e2ip.evaluation.evaluate import evaluate_and_report, write_metrics_json
 
     out_dir = Path(out_dir)
     rank_zero = is_global_zero()
     check_run_folder(cfg, out_dir, resume, force, rank_zero)
     check_trainer_settings(cfg.training)
-    base = load_base_model(cfg)
-    data = prepare_data(cfg.data, base.members[0] if isinstance(base, Ensemble) else base)
+    bases = load_base_members(cfg)
+    data = prepare_data(cfg.data, bases[0] if bases else None)
     if rank_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume and force and (out_dir / "config.yaml").exists():
@@ -88,15 +89,16 @@ def run_training(cfg: Config, out_dir: str | Path, resume: bool = False, force: 
         dump_config(cfg, out_dir / "config.yaml")
         log.info("data: %d train, %d validation, %d test structures; elements %s",
                  len(data.train), len(data.validation), len(data.test), data.elements)
-    if base is not None and rank_zero:
+    if bases is not None and rank_zero:
         log.info("fine-tuning from %s: its architecture, elements, scales and reference energies "
                  "are used (the config's model and head sections are ignored)",
                  cfg.training.init_from)
     if cfg.ensemble.size > 1:
-        model = train_ensemble(cfg, out_dir, data=data, resume=resume, base=base)
+        model = train_ensemble(cfg, out_dir, data=data, resume=resume, bases=bases)
     else:
         model = train_model(cfg, out_dir, data=data, resume=resume,
-                            extra_callbacks=extra_callbacks, base=base)
+                            extra_callbacks=extra_callbacks,
+                            base=bases[0] if bases else None)
     if not is_global_zero():  # the process group now exists: its rank decides
         return {}
     atoms = model.fit_training_statistics(data.train, batch_size=cfg.data.eval_batch_size)

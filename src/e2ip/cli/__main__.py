@@ -1,0 +1,7 @@
+"""`python -m e2ip.cli`."""
+
+import sys
+
+from e2ip.cli import main
+
+sys.exit(main())

@@ -1,0 +1,3 @@
+"""Uncertainty in use: molecular dynamics that watches its uncertainty, reference calculators
+(oracles), and active learning.
+"""

@@ -1,0 +1,1 @@
+"""Evaluation: run any model kind over a data set, every metric, plots, and model comparisons."""

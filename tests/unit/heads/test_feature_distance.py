@@ -1,0 +1,171 @@
+"""The feature-distance evidence of e2IP (heads/feature_distance.py, `evidence: feature_distance`)
+against numpy closed forms: the leverage, kappa / r, the two-scale calibration, rotations."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from e2ip import ModelError, PotentialModel, load_model
+from e2ip.cli import main
+from e2ip.data.graph import graph_from_structures
+from e2ip.data.read import read_structures
+from e2ip.evaluation.evaluate import collect
+from e2ip.heads.feature_distance import FeatureDistance
+from e2ip.train.datasets import demo_data_path
+
+
+def _leverage_reference(train: np.ndarray, query: np.ndarray, ridge: float) -> np.ndarray:
+    """h^T C^-1 h / mean over the training rows, C = H^T H / N + ridge tr(H^T H / N) / F I."""
+    moment = train.T @ train / len(train)
+    c = moment + ridge * np.trace(moment) / len(moment) * np.eye(len(moment))
+    c_inv = np.linalg.inv(c)
+    mean = np.mean([h @ c_inv @ h for h in train])
+    return np.array([h @ c_inv @ h for h in query]) / mean
+
+
+def test_distance_is_the_normalised_leverage():
+    gen = np.random.default_rng(0)
+    train = gen.normal(size=(300, 6)) @ gen.normal(size=(6, 6)) + 0.3
+    query = np.concatenate([gen.normal(size=(20, 6)), 4.0 * train[:5]])
+    fd = FeatureDistance(6, ridge=1e-2)
+    np.testing.assert_array_equal(fd(torch.tensor(query)).numpy(), 1.0)  # not fitted: ones
+    assert fd.fit(torch.tensor(train[k:k + 64]) for k in range(0, 300, 64)) == 300
+    r = fd(torch.tensor(query)).numpy()
+    np.testing.assert_allclose(r, _leverage_reference(train, query, 1e-2), rtol=1e-10)
+    assert fd(torch.tensor(train)).numpy().mean() == pytest.approx(1.0, rel=1e-10)
+    # quadratic in the features: 4x the features of a training atom is 16x its distance
+    np.testing.assert_allclose(r[20:], 16 * fd(torch.tensor(train[:5])).numpy(), rtol=1e-10)
+
+
+def _model():
+    """The paper's e2IP (learned evidence), small, float64, with non-trivial evidence."""
+    torch.manual_seed(0)
+    model = PotentialModel(elements=[1, 6, 8], cutoff=4.0, force_scale=0.5,
+                           head_options={"evidence": "learned"},
+                           backbone_options={"num_features": 8, "num_layers": 1,
+                                             "num_radial": 6}).double()
+    with torch.no_grad():  # non-trivial evidence per atom
+        model.head.scalar_mlp[-1].weight.normal_(0, 0.3)
+    return model.eval()
+
+
+def _scalars(model, structures) -> np.ndarray:
+    graph = graph_from_structures(structures, model.cutoff, torch.float64)
+    features = model.backbone(model.species(graph.numbers), graph.edge_index,
+                              graph.edge_vectors(graph.positions), graph.batch, graph.num_graphs)
+    return features.scalars.detach().numpy()
+
+
+def test_feature_distance_model_divides_the_learned_evidence(tmp_path):
+    base = _model()
+    train = read_structures(demo_data_path(), index=":40")
+    test = read_structures(demo_data_path(test=True), index=":4")
+    model = base.with_feature_distance(train)
+    assert model.label() == "e2IP-FD (painn)" and not model.calibrated
+    r = _leverage_reference(_scalars(base, train), _scalars(base, test), 1e-3)
+    p, p0 = model.predict(test), base.predict(test)
+    np.testing.assert_allclose(p["feature_distance"], r, rtol=1e-8)
+    np.testing.assert_allclose(p["kappa"], p0["kappa"] / r, rtol=1e-8)
+    np.testing.assert_allclose(p["forces"], p0["forces"], rtol=1e-12)
+    np.testing.assert_allclose(p["aleatoric"], p0["aleatoric"], rtol=1e-12)
+    np.testing.assert_allclose(p["epistemic"], p0["aleatoric"] * (r / p0["kappa"])[:, None, None],
+                               rtol=1e-8)
+    # a rotated structure: the same distances, covariances R U R^T
+    rot = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(2),
+                                      dtype=torch.float64))[0].numpy()
+    turned = read_structures(demo_data_path(test=True), index=":1")
+    turned[0].positions = turned[0].positions @ rot.T
+    pr = model.predict(turned)
+    np.testing.assert_allclose(pr["feature_distance"], p["feature_distance"][:9], rtol=1e-8)
+    np.testing.assert_allclose(pr["epistemic"], rot @ p["epistemic"][:9] @ rot.T, atol=1e-12)
+    # saved and loaded: the fitted distance travels with the model
+    model.save(tmp_path / "fd.pt")
+    again = load_model(tmp_path / "fd.pt").predict(test)
+    np.testing.assert_allclose(again["epistemic"], p["epistemic"], rtol=1e-12)
+
+
+def test_ensembles_and_other_heads_refuse_the_feature_distance():
+    model = PotentialModel(elements=[1, 6, 8], cutoff=4.0, head="eip",
+                           backbone_options={"num_features": 8, "num_layers": 1, "num_radial": 6})
+    with pytest.raises(ModelError, match="needs an e2IP head"):
+        model.with_feature_distance(read_structures(demo_data_path(), index=":2"))
+
+
+@pytest.mark.parametrize("variance, epistemic", [(0.5, 4.0), (2.0, 0.5)])
+def test_calibration_recovers_known_variance_and_epistemic_scales(variance, epistemic):
+    model = _model().with_feature_distance(read_structures(demo_data_path(), index=":40"))
+    structures = read_structures(demo_data_path(test=True), index=":200")
+    graph = graph_from_structures(structures, model.cutoff, torch.float64)
+    out = model(graph, create_graph=False)
+    params = {k: v.detach() for k, v in out["params"].items()}
+    r = params["feature_distance"]
+    assert float(r.max() / r.min()) > 5  # the two scales are told apart by how r varies
+    truth = model.head.predictive(model.head.scale_epistemic(params, epistemic),
+                                  out["forces"].detach()).scaled(variance)
+    labelled = []
+    for draws in truth.sample(6, torch.Generator().manual_seed(1)):  # 6 copies, 10,800 atoms
+        k = 0
+        for s in structures:  # these draws become the reference forces
+            labelled.append(dataclasses.replace(s, forces=draws[k:k + s.n_atoms].numpy()))
+            k += s.n_atoms
+    assert model.calibrate(labelled, batch_size=200) == pytest.approx(variance, rel=0.15)
+    assert float(model.epistemic_scale) == pytest.approx(epistemic, rel=0.2)
+    assert model.calibration()["epistemic_scale"] == float(model.epistemic_scale)
+    # form 'cal': aleatoric x s, epistemic x s t, from the raw covariances of the same pass
+    c = collect(model, structures[:5], 8, ["raw", "cal"]).forms
+    s, t = float(model.variance_scale), float(model.epistemic_scale)
+    raw, cal = c["raw"], c["cal"]
+    torch.testing.assert_close(cal.u_ale, s * raw.u_ale)
+    torch.testing.assert_close(cal.u_epi, s * t * raw.u_epi)
+
+
+def test_cli_calibrate_switches_a_trained_model_to_the_feature_distance(tmp_path, capsys):
+    _model().save(tmp_path / "m.pt")
+    data = str(demo_data_path(test=True))
+    assert main(["calibrate", str(tmp_path / "m.pt"), "--data", data, "--index", ":30",
+                 "--feature-distance", str(demo_data_path()), "--out",
+                 str(tmp_path / "fd.pt")]) == 0
+    printed = capsys.readouterr().out
+    assert "feature distance fitted on" in printed and "epistemic_scale" in printed
+    model = load_model(tmp_path / "fd.pt")
+    assert model.label() == "e2IP-FD (painn)" and bool(model.head.feature_distance.fitted)
+    assert model.calibration()["epistemic_scale"] > 0
+
+
+def test_training_with_the_default_feature_distance_fits_it_and_reports_both_scales(tmp_path):
+    from e2ip.train.config.yaml_io import load_config
+    from e2ip.train.run import run_training
+    from tests.integration.test_train import TINY
+
+    cfg = load_config(None, TINY + ["training.max_epochs=1"])  # the default evidence
+    metrics = run_training(cfg, tmp_path / "run")
+    model = load_model(tmp_path / "run" / "model.pt")
+    assert model.label() == "e2IP-FD (painn)" and bool(model.head.feature_distance.fitted)
+    assert metrics["calibration"]["epistemic_scale"] == float(model.epistemic_scale) != 1.0
+    # the distance is ~1 on the training data it was fitted on (24 structures here)
+    from e2ip.train.datasets import prepare_data
+
+    train = prepare_data(cfg.data).train
+    assert model.predict(train)["feature_distance"].mean() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_an_unfitted_feature_distance_is_refused_at_calibration_and_ensembles_fit_members():
+    from e2ip import Ensemble
+
+    spec = {**_model().spec(), "head_options": {"evidence": "feature_distance"}}
+    unfitted = PotentialModel.from_spec(spec).double()
+    validation = read_structures(demo_data_path(test=True), index=":4")
+    with pytest.raises(ModelError, match="never fitted"):
+        unfitted.calibrate(validation)
+    ensemble = Ensemble([PotentialModel.from_spec(spec).double() for _ in range(2)])
+    assert ensemble.fit_training_statistics(read_structures(demo_data_path(), index=":10")) == 90
+    assert all(bool(m.head.feature_distance.fitted) for m in ensemble.members)
+
+
+def test_new_models_get_the_feature_distance_evidence():
+    # files from before the option load as the paper's e2IP: tests/unit/models/test_model_files.py
+    assert PotentialModel(elements=[1], cutoff=4.0).head.hparams.evidence == "feature_distance"
