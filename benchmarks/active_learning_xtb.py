@@ -218,9 +218,9 @@ def descriptor_spread(frames) -> float:
 
 def run_bias(out: Path, seeds: int) -> dict:
     """Plain vs uncertainty-driven MD at 300 K with the round-0 e2IP models."""
-    from e2ip.models.bias import UncertaintyBias
-    from e2ip.integrations.ase_calculator import E2IPCalculator
     from e2ip.dynamics.md import run_md
+    from e2ip.integrations.ase_calculator import E2IPCalculator
+    from e2ip.models.bias import UncertaintyBias
 
     train = read(out / "train_300K.extxyz", index=":")
     rows = []

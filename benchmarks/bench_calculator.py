@@ -22,10 +22,10 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 import e2ip
-from e2ip.integrations.ase_calculator import E2IPCalculator
 from e2ip.data.graph import graph_from_structures
 from e2ip.data.read import read_structures
 from e2ip.data.structures import Structure
+from e2ip.integrations.ase_calculator import E2IPCalculator
 from e2ip.models.single import PotentialModel
 
 ROOT = Path(__file__).resolve().parents[1]

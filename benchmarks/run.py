@@ -367,8 +367,8 @@ def run_case(case: dict, device_name: str, threads: int, budget: float) -> dict:
     elif kind == "calculator":
         import numpy as np
 
-        from e2ip.integrations.ase_calculator import E2IPCalculator
         from e2ip.data.structures import Structure
+        from e2ip.integrations.ase_calculator import E2IPCalculator
 
         structs = structures(case["system"])
         atoms = structs[0].to_atoms()

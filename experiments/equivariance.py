@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from e2ip.data.read import read_structures
-from e2ip.stats.metrics import random_rotations
 from e2ip.models.io import load_model
+from e2ip.stats.metrics import random_rotations
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "experiments" / "runs" / "shift" / "ethanol"

@@ -11,15 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from runner import DATA, RESULTS, ROOT, mean_std, prepared, train_seconds
+from runner import DATA, RESULTS, ROOT, WATER_DATA, mean_std, prepared, run_dir, train_seconds
 from scipy import stats
-from uncertainty_shift import WATER_DATA, run_dir
 
-from e2ip.stats.calibration import fit_variance_scale
 from e2ip.data.read import read_structures
 from e2ip.evaluation.evaluate import collect, evaluate, time_per_atom_ms
-from e2ip.models.single import PotentialModel
 from e2ip.models.io import load_model
+from e2ip.models.single import PotentialModel
+from e2ip.stats.calibration import fit_variance_scale
 
 #: (row label, trained method, form, post-hoc variant, per-structure aggregate)
 ROWS = [

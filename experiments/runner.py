@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RUNS = ROOT / "experiments" / "runs"
 RESULTS = ROOT / "docs" / "results"
+#: the uncertainty-under-shift runs (`uncertainty_shift.py` trains them, `report_shift.py` reports)
+SHIFT_RUNS = RUNS / "shift"
+WATER_DATA = SHIFT_RUNS / "water" / "data"
 SEED_STRIDE = 10  # seed k trains with training.seed = 10 k: ensemble members 10k..10k+4 never repeat
 
 
@@ -83,3 +86,8 @@ def mean_std(values: list, digits: int | None = None) -> str:
     if len(values) == 1:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {float(np.std(values)):.{digits}f}"
+
+
+def run_dir(dataset: str, method: str, seed: int) -> Path:
+    """The run folder of one method and seed of the uncertainty-under-shift experiment."""
+    return SHIFT_RUNS / dataset / method / f"seed{seed}"

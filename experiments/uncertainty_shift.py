@@ -24,11 +24,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-from runner import DATA, ROOT, RUNS, RunFailed, train_run
-
-SHIFT_RUNS = RUNS / "shift"
+from runner import DATA, ROOT, WATER_DATA, RunFailed, run_dir, train_run
 
 #: method -> the `e2ip train --set` options on top of the data set's config
 TRAINED = {
@@ -40,12 +37,7 @@ TRAINED = {
 
 #: water density bands, g/cm^3: the training band and the two shifted tails
 WATER_BANDS = {"central": (0.84, 0.95), "low": (0.0, 0.79), "high": (1.06, 10.0)}
-WATER_DATA = SHIFT_RUNS / "water" / "data"
 N_SHIFTED = 50  # boxes per shifted tail
-
-
-def run_dir(dataset: str, method: str, seed: int) -> Path:
-    return SHIFT_RUNS / dataset / method / f"seed{seed}"
 
 
 def water_density(atoms) -> float:

@@ -65,10 +65,10 @@ def train(seeds: list[int], methods: list[str], threads: int) -> None:
 
 
 def report(seeds: list[int], timing: bool) -> None:
-    from e2ip.stats import metrics as M
     from e2ip.evaluation.evaluate import collect, compute_metrics, time_per_atom_ms
-    from e2ip.models.io import load_model
     from e2ip.evaluation.plots import plot_calibration, plot_pit
+    from e2ip.models.io import load_model
+    from e2ip.stats import metrics as M
 
     torch.set_num_threads(1)
     cfg, data = prepared(CONFIG)

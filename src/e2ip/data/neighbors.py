@@ -201,23 +201,3 @@ def _kdtree_neighbor_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarr
     shifts[:, pbc] = image + offsets[i] - offsets[j]
     order = np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], j, i))
     return i[order], j[order], shifts[order], d[order]
-
-
-def brute_force_neighbor_list(positions, cell, pbc, cutoff, max_shift: int = 3):
-    """O(N^2 * images) reference used in the tests: same convention as :func:`neighbor_list`."""
-    pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
-    ranges = [range(-max_shift, max_shift + 1) if p else range(1) for p in pbc]
-    out = []
-    n = len(positions)
-    for a in ranges[0]:
-        for b in ranges[1]:
-            for c in ranges[2]:
-                s = np.array([a, b, c])
-                t = s @ cell
-                for i in range(n):
-                    for j in range(n):
-                        if i == j and not s.any():
-                            continue
-                        if np.linalg.norm(positions[j] - positions[i] + t) < cutoff:
-                            out.append((i, j, a, b, c))
-    return sorted(out)

@@ -15,7 +15,7 @@ from e2ip.constants import DIM as D
 from e2ip.heads.base import FeatureDims, Head
 from e2ip.heads.feature_distance import FeatureDistance
 from e2ip.heads.spd import damp_norm, damp_scalar, expm_symmetric
-from e2ip.nn.irreps import l2_basis, l2_to_matrix, sym_outer_l2
+from e2ip.nn.irreps import l2_basis_tensor, l2_to_matrix, sym_outer_l2
 from e2ip.nn.mlp import mlp
 from e2ip.stats.losses import niw_nll, niw_regularizer
 from e2ip.stats.predictive import StudentT
@@ -121,7 +121,7 @@ class E2IPHead(Head):
         out = self.scalar_mlp(features.scalars)
         c0, z_kappa, z_nu = out[:, 0], out[:, 1], out[:, 2]
         gates = out[:, 3:]
-        basis = l2_basis(features.scalars.dtype, features.scalars.device)
+        basis = l2_basis_tensor(features.scalars.dtype, features.scalars.device)
         if self.use_native_l2:
             t = self.mix_l2(features.tensors.transpose(1, 2)).transpose(1, 2)  # (N, K, 5)
         else:

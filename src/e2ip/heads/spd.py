@@ -1,9 +1,5 @@
-"""From `0e + 2e` coefficients to an SPD matrix: damping, the constant irreps->matrix map, expm.
-
-Conventions (e3nn 0.6, checked in the tests): `1o` is (x, y, z); the `2e` basis of
-`CartesianTensor("ij=ji")` is
-`[(xz+zx)/sqrt2, (xy+yx)/sqrt2, (2yy-xx-zz)/sqrt6, (yz+zy)/sqrt2, (zz-xx)/sqrt2]`.
-"""
+"""From `0e + 2e` coefficients to an SPD matrix (docs/maths.md §2): spectral damping and the
+symmetric matrix exponential. The constant irreps -> matrix map T is :mod:`e2ip.nn.irreps`."""
 
 from __future__ import annotations
 

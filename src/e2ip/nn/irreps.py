@@ -13,16 +13,10 @@ import math
 
 import torch
 
-# --- rank-2 (2e) helpers -----------------------------------------------------------------------
-# The same constant orthonormal basis as :mod:`e2ip.heads.spd` (kept here so that backbones never
-# import heads): e3nn 0.6's ``2e`` of ``CartesianTensor("ij=ji")``, polar axis y,
-# [(xz+zx)/sqrt2, (xy+yx)/sqrt2, (2yy-xx-zz)/sqrt6, (yz+zy)/sqrt2, (zz-xx)/sqrt2].
+# e3nn 0.6's ``2e`` of ``CartesianTensor("ij=ji")`` (polar axis y) as 3x3 matrices E_k, used by
+# the backbones (native 2e features) and the heads (T(c) = sum_k c_k E_k)
 _S2 = 1.0 / math.sqrt(2.0)
-
-
 _S6 = 1.0 / math.sqrt(6.0)
-
-
 L2_BASIS = (
     ((0.0, 0.0, _S2), (0.0, 0.0, 0.0), (_S2, 0.0, 0.0)),
     ((0.0, _S2, 0.0), (_S2, 0.0, 0.0), (0.0, 0.0, 0.0)),
@@ -65,18 +59,7 @@ def sym_outer_l2(a: torch.Tensor, b: torch.Tensor, basis: torch.Tensor | None = 
     return outer @ basis.reshape(5, 9).T
 
 
-def l2_basis(dtype=torch.float64, device=None) -> torch.Tensor:
-    """The constant map T as a (5, 3, 3) tensor E_k (an isometry onto traceless symmetric
-    matrices), built once per dtype and device, exact to the dtype's precision."""
-    return l2_basis_tensor(dtype, device)
-
-
 def l2_to_matrix(c2: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
     """T(c): (..., 5) -> (..., 3, 3) traceless symmetric."""
-    basis = l2_basis(c2.dtype, c2.device) if basis is None else basis
+    basis = l2_basis_tensor(c2.dtype, c2.device) if basis is None else basis
     return torch.einsum("...k,kij->...ij", c2, basis)
-
-
-def matrix_to_l2(m: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
-    """T^T(M): the 2e coefficients of a (symmetric) matrix, (..., 3, 3) -> (..., 5)."""
-    return traceless_sym_to_l2(m, basis)

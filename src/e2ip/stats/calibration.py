@@ -65,14 +65,6 @@ def fit_variance_and_epistemic_scale(predictive_for: Callable[[float], Predictiv
     return best[log_t][0], math.exp(log_t)
 
 
-def gaussian_coverage(errors, epistemic, variance: float, level: float = 0.95) -> float:
-    """Coverage(level) of N(0, U + variance I): mean(chi2_3.cdf(e^T C^-1 e) <= level)."""
-    errors, epistemic = as_float64_numpy(errors), as_float64_numpy(epistemic)
-    cov = epistemic + variance * np.eye(D)
-    quad = np.einsum("ni,ni->n", errors, np.linalg.solve(cov, errors[..., None])[..., 0])
-    return float(np.mean(stats.chi2.cdf(quad, D) <= level))
-
-
 def fit_calibration_floor(errors, epistemic, target: float = 0.95, level: float = 0.95,
                           tol: float = 1e-6, max_iter: int = 200) -> float:
     """The isotropic floor s (eV/Å) such that N(0, U_epi + s^2 I) has Coverage(level) = target.

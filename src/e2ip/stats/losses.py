@@ -60,12 +60,6 @@ def nig_regularizer(error: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
     return (error.detach().abs() / force_scale * (2 * v + alpha)).sum(-1)
 
 
-def gaussian_nll(error: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """-log N(e | 0, cov) for (N, 3) errors and (N, 3, 3) covariances."""
-    quad = quadratic_form(error, torch.linalg.inv(cov))
-    return 0.5 * (quad + torch.linalg.slogdet(cov)[1] + D * math.log(2 * math.pi))
-
-
 def force_mse(error: torch.Tensor, force_scale: float) -> torch.Tensor:
     """Per-atom squared error averaged over components, in units of sigma_F^2: (N,)."""
     return (error**2).mean(-1) / force_scale**2

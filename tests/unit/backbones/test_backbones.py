@@ -230,9 +230,9 @@ def test_tensor_product_rejects_bad_correlation():
 
 
 def test_traceless_sym_to_l2():
-    from e2ip.nn.irreps import l2_basis
+    from e2ip.nn.irreps import l2_basis_tensor
 
-    assert torch.equal(torch.tensor(L2_BASIS, dtype=torch.float64), l2_basis(torch.float64))
+    assert torch.equal(torch.tensor(L2_BASIS, dtype=torch.float64), l2_basis_tensor(torch.float64))
     torch.manual_seed(0)
     m = torch.randn(4, 3, 3, dtype=torch.float64)
     rot = rotations(2)["rotation"]

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from e2ip.data.neighbors import brute_force_neighbor_list, neighbor_list
+from e2ip.data.neighbors import neighbor_list
+from tests.support import brute_force_neighbor_list
 
 
 def as_set(i, j, shifts) -> set[tuple[int, int, int, int, int]]:

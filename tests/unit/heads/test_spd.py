@@ -14,7 +14,7 @@ from e3nn.io import CartesianTensor
 
 from e2ip.heads.evidential import E2IPHyperparameters
 from e2ip.heads.spd import damp_norm, damp_scalar, expm_symmetric, linear_tanh, squarings_for
-from e2ip.nn.irreps import l2_basis, l2_to_matrix, matrix_to_l2, sym_outer_l2
+from e2ip.nn.irreps import l2_basis_tensor, l2_to_matrix, sym_outer_l2, traceless_sym_to_l2
 
 F64 = torch.float64
 TAU, CMAX = 4.0, 5.0
@@ -152,7 +152,7 @@ def test_T_matches_e3nn_cartesian_tensor():
         coeffs = ct.from_cartesian(m)  # (20, 6): 0e, then 2e in slots 1..5
         back = ct.to_cartesian(full)
     assert str(ct) == "1x0e+1x2e"
-    torch.testing.assert_close(matrix_to_l2(m), coeffs[:, 1:6], rtol=0, atol=1e-12)
+    torch.testing.assert_close(traceless_sym_to_l2(m), coeffs[:, 1:6], rtol=0, atol=1e-12)
     torch.testing.assert_close(coeffs[:, 0], m.diagonal(dim1=-2, dim2=-1).sum(-1) / math.sqrt(3))
     torch.testing.assert_close(l2_to_matrix(c2), back, rtol=0, atol=1e-12)
     # the documented basis: 2e = [(xz+zx)/s2, (xy+yx)/s2, (2yy-xx-zz)/s6, (yz+zy)/s2, (zz-xx)/s2]
@@ -163,11 +163,11 @@ def test_T_matches_e3nn_cartesian_tensor():
         (2 * x[:, 1, 1] - x[:, 0, 0] - x[:, 2, 2]) / s6, (x[:, 1, 2] + x[:, 2, 1]) / s2,
         (x[:, 2, 2] - x[:, 0, 0]) / s2,
     ], dim=1)
-    torch.testing.assert_close(matrix_to_l2(m), manual, rtol=0, atol=1e-12)
+    torch.testing.assert_close(traceless_sym_to_l2(m), manual, rtol=0, atol=1e-12)
 
 
 def test_T_is_isometry_onto_traceless_symmetric():
-    basis = l2_basis(F64)
+    basis = l2_basis_tensor(F64)
     gram = torch.einsum("aij,bij->ab", basis, basis)
     torch.testing.assert_close(gram, torch.eye(5, dtype=F64), rtol=0, atol=1e-15)
     c2 = torch.randn(100, 5, dtype=F64)
@@ -175,11 +175,11 @@ def test_T_is_isometry_onto_traceless_symmetric():
     torch.testing.assert_close(m, m.transpose(-1, -2), rtol=0, atol=0)
     assert m.diagonal(dim1=-2, dim2=-1).sum(-1).abs().max() < 1e-14
     torch.testing.assert_close(torch.linalg.matrix_norm(m), c2.norm(dim=-1), rtol=1e-14, atol=0)
-    torch.testing.assert_close(matrix_to_l2(m), c2, rtol=0, atol=1e-14)
+    torch.testing.assert_close(traceless_sym_to_l2(m), c2, rtol=0, atol=1e-14)
     # on a general symmetric matrix, T T^T removes the trace
     a = random_symmetric(10, seed=3)
     traceless = a - a.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(3, dtype=F64)
-    torch.testing.assert_close(l2_to_matrix(matrix_to_l2(a)), traceless, rtol=0, atol=1e-14)
+    torch.testing.assert_close(l2_to_matrix(traceless_sym_to_l2(a)), traceless, rtol=0, atol=1e-14)
     # eigenvalues of T(c) lie in +-sqrt(2/3)|c| (docs/maths.md §2.3)
     ev = torch.linalg.eigvalsh(m)
     assert (ev.abs().max(-1).values <= math.sqrt(2 / 3) * c2.norm(dim=-1) + 1e-12).all()
@@ -195,15 +195,15 @@ def test_T_equivariance_300_rotations():
     assert (lhs - rhs).abs().max() < 1e-9
     # and the inverse direction
     m = random_symmetric(n, seed=5)
-    lhs = matrix_to_l2(rots @ m @ rots.transpose(-1, -2))
-    rhs = torch.einsum("nab,nb->na", d2, matrix_to_l2(m))
+    lhs = traceless_sym_to_l2(rots @ m @ rots.transpose(-1, -2))
+    rhs = torch.einsum("nab,nb->na", d2, traceless_sym_to_l2(m))
     assert (lhs - rhs).abs().max() < 1e-9
 
 
 def test_sym_outer_l2():
     a, b = torch.randn(30, 3, dtype=F64), torch.randn(30, 3, dtype=F64)
     outer = sym(a[:, :, None] * b[:, None, :])
-    torch.testing.assert_close(sym_outer_l2(a, b), matrix_to_l2(outer), rtol=0, atol=1e-14)
+    torch.testing.assert_close(sym_outer_l2(a, b), traceless_sym_to_l2(outer), rtol=0, atol=1e-14)
     rots = rotations(30, seed=6)
     d2 = wigner_d2(rots)
     ra, rb = torch.einsum("nij,nj->ni", rots, a), torch.einsum("nij,nj->ni", rots, b)

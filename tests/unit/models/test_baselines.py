@@ -22,7 +22,7 @@ from e2ip.heads.spd import damp_norm, damp_scalar
 from e2ip.models.ensemble import Ensemble
 from e2ip.models.io import MODEL_KINDS
 from e2ip.models.single import PotentialModel
-from e2ip.nn.irreps import l2_basis, sym_outer_l2
+from e2ip.nn.irreps import l2_basis_tensor, sym_outer_l2
 from e2ip.stats.calibration import fit_calibration_floor, gaussian_coverage
 from e2ip.stats.losses import nig_nll
 from e2ip.stats.predictive import Gaussian, IndependentStudentT, StudentT
@@ -197,7 +197,7 @@ def test_no_damping_switch_removes_damping():
                            vectors=torch.randn(n, f, 3, dtype=torch.float64))
     # raw (undamped) coefficients, computed independently of the head's forward
     out = damped.scalar_mlp(feats.scalars)
-    basis = l2_basis(torch.float64)  # the constant map T
+    basis = l2_basis_tensor(torch.float64)  # the constant map T
     v = feats.vectors.transpose(1, 2)
     a = damped.mix_a(v).transpose(1, 2)
     b = damped.mix_b(v).transpose(1, 2)
