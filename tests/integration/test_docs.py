@@ -1,5 +1,10 @@
 """Generated documentation is current, and every configuration key is described."""
 
+import ast
+import importlib
+import importlib.util
+import re
+import textwrap
 from dataclasses import dataclass
 
 from e2ip.train.config import doc
@@ -47,3 +52,24 @@ def test_a_key_without_a_description_is_reported(monkeypatch):
     missing = missing_descriptions()
     assert "toy.described" not in missing
     assert {"toy.undescribed", "toy.plain", "toy.detached"} <= set(missing)
+
+
+def _python_blocks(path):
+    text = path.read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_every_e2ip_import_in_the_docs_resolves():
+    """The import lines of the docs' Python examples name modules and names that exist."""
+    pages = sorted(DOCS.glob("*.md")) + [REPO / "README.md"]
+    checked, missing = 0, []
+    for page in pages:
+        for block in _python_blocks(page):
+            for node in ast.walk(ast.parse(textwrap.dedent(block))):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("e2ip"):
+                    module = importlib.import_module(node.module)
+                    missing += [f"{page.name}: {node.module}.{alias.name}" for alias in node.names
+                                if not hasattr(module, alias.name)]
+                    checked += 1
+    assert not missing, missing
+    assert checked > 5

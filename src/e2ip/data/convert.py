@@ -245,7 +245,7 @@ def describe(path: str | os.PathLike) -> str:
     info = s.info
     counts = s.composition().sum(axis=0)
     n_atoms = s.n_atoms()
-    periodic = int(np.count_nonzero(s._store().pbc.any(axis=1)))
+    periodic = int(np.count_nonzero(s.periodic()))
     elements = ", ".join(f"{chemical_symbols[z]} {int(c)}" for z, c in
                          zip(s.file_elements, counts))
     low, high = int(n_atoms.min()), int(n_atoms.max())

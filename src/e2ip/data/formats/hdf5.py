@@ -392,6 +392,10 @@ class OnDiskStructures(Sequence[Structure]):
         hit = np.flatnonzero(self.composition()[:, others].sum(axis=1) > 0)
         return int(hit[0]) if len(hit) else None
 
+    def periodic(self) -> np.ndarray:
+        """Whether each frame of the view is periodic along any axis, (F,) bool."""
+        return self._store().pbc[self._indices].any(axis=1)
+
     def force_rms(self) -> float:
         """sqrt(mean of F_x^2, F_y^2, F_z^2 over every atom of the view), eV/Å."""
         sq = _rows(self._store().dataset("summary/force_sq_sum"), self._indices, self.path)

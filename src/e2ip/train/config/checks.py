@@ -52,7 +52,7 @@ def _float_or_same(text: str):
         return text
 
 
-def _type_name(hint) -> str:
+def type_name(hint) -> str:
     if typing.get_origin(hint) is typing.Literal:
         return "one of " + ", ".join(map(repr, typing.get_args(hint)))
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
@@ -120,7 +120,7 @@ def build_section(cls, values: dict, where: str):
             value = _float_or_same(value)  # YAML 1.1 reads '5e-3' (no dot) as a string
         if not _type_ok(value, hints[key]):
             raise ConfigError(
-                f"'{where}{key}' must be {_type_name(hints[key])}, got {short_value(value)}"
+                f"'{where}{key}' must be {type_name(hints[key])}, got {short_value(value)}"
             )
         _check_value(value, f"{where}{key}")
         if hints[key] is float and isinstance(value, int):

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from e2ip.backbones import BACKBONES
 from e2ip.heads import HEADS
-from e2ip.train.config.checks import _type_name
+from e2ip.train.config.checks import type_name
 from e2ip.train.config.schema import SECTIONS
 
 INTRO = """# Configuration
@@ -109,7 +109,7 @@ def _section(lines: list[str], name: str, cls, prefix: str) -> None:
     described = field_descriptions(cls)
     for f in _keys(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        cells = (f"`{prefix}{f.name}`", f"`{_type_name(hints[f.name])}`", f"`{default!r}`",
+        cells = (f"`{prefix}{f.name}`", f"`{type_name(hints[f.name])}`", f"`{default!r}`",
                  described.get(f.name, ""))
         lines.append("| " + " | ".join(map(_cell, cells)) + " |")
     lines.append("")
