@@ -17,7 +17,7 @@ PACKAGE = Path(e2ip.__file__).parent
 #: the layers, lowest first; a module may import its own layer's modules and lower layers only.
 #: Within one layer, only modules of the same subpackage import each other.
 LAYERS: list[tuple[str, ...]] = [
-    ("e2ip.errors", "e2ip.files", "e2ip.constants", "e2ip._version"),
+    ("e2ip.errors", "e2ip.files", "e2ip.constants", "e2ip._version", "e2ip.registry"),
     ("e2ip.data",),
     ("e2ip.nn",),
     ("e2ip.stats",),

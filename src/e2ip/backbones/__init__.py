@@ -4,25 +4,16 @@ from e2ip.backbones.alphanet import AlphaNetBackbone
 from e2ip.backbones.base import Backbone, BackboneOutput
 from e2ip.backbones.painn import PaiNN
 from e2ip.backbones.tensor_product import TensorProductBackbone
+from e2ip.registry import Registry
 
-BACKBONES: dict[str, type[Backbone]] = {
-    PaiNN.name: PaiNN,
-    TensorProductBackbone.name: TensorProductBackbone,
-    AlphaNetBackbone.name: AlphaNetBackbone,
-}
+#: backbones by name (`model.backbone: <name>`)
+BACKBONES = Registry("backbone")
+for _cls in (PaiNN, TensorProductBackbone, AlphaNetBackbone):
+    BACKBONES.register(_cls)
 
-
-def register_backbone(cls: type[Backbone]) -> type[Backbone]:
-    """Class decorator: make a backbone available as `model.backbone: <cls.name>`."""
-    BACKBONES[cls.name] = cls
-    return cls
-
-
-def get_backbone(name: str) -> type[Backbone]:
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(sorted(BACKBONES))}")
-    return BACKBONES[name]
-
+#: class decorator: make a backbone available as `model.backbone: <cls.name>`
+register_backbone = BACKBONES.register
+get_backbone = BACKBONES.lookup
 
 __all__ = ["AlphaNetBackbone", "BACKBONES", "Backbone", "BackboneOutput", "PaiNN",
            "TensorProductBackbone", "get_backbone", "register_backbone"]

@@ -18,13 +18,14 @@ each atom (N,) and the number of structures. A backbone never knows about uncert
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
+
+from e2ip.registry import Configurable
 
 
 @dataclass
@@ -35,11 +36,10 @@ class BackboneOutput:
     tensors: torch.Tensor | None = None
 
 
-class Backbone(nn.Module, ABC):
+class Backbone(Configurable, nn.Module, ABC):
     """Base class; subclasses set `name`, `Hyperparameters` and the three feature widths."""
 
     name: ClassVar[str] = ""
-    Hyperparameters: ClassVar[type] = object
     num_scalars: int = 0
     num_vectors: int = 0
     num_tensors: int = 0
@@ -69,13 +69,6 @@ class Backbone(nn.Module, ABC):
                 batch: torch.Tensor, num_graphs: int) -> BackboneOutput:
         """Per-atom features and atomic energies (see the module docstring)."""
 
-    @classmethod
-    def hparams_from_dict(cls, options: dict | None):
-        return cls.Hyperparameters(**(options or {}))
-
-    @classmethod
-    def hparams_to_dict(cls, hparams) -> dict:
-        return dataclasses.asdict(hparams)
 
 
 def set_edge_chunk_size(module: nn.Module, size: int) -> None:

@@ -5,23 +5,16 @@ from e2ip.heads.cholesky import CholeskyHead
 from e2ip.heads.eip import EIPHead
 from e2ip.heads.evidential import E2IPHead
 from e2ip.heads.mve import MVEHead
+from e2ip.registry import Registry
 
-HEADS: dict[str, type[Head]] = {
-    cls.name: cls for cls in (NoHead, E2IPHead, EIPHead, CholeskyHead, MVEHead)
-}
+#: heads by name (`model.head: <name>`)
+HEADS = Registry("head")
+for _cls in (NoHead, E2IPHead, EIPHead, CholeskyHead, MVEHead):
+    HEADS.register(_cls)
 
-
-def register_head(cls: type[Head]) -> type[Head]:
-    """Class decorator: make a head available as `model.head: <cls.name>`."""
-    HEADS[cls.name] = cls
-    return cls
-
-
-def get_head(name: str) -> type[Head]:
-    if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; available: {', '.join(sorted(HEADS))}")
-    return HEADS[name]
-
+#: class decorator: make a head available as `model.head: <cls.name>`
+register_head = HEADS.register
+get_head = HEADS.lookup
 
 __all__ = ["CholeskyHead", "E2IPHead", "EIPHead", "FeatureDims", "HEADS", "Head", "MVEHead", "NoHead",
            "get_head", "register_head"]

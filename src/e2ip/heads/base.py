@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from e2ip.backbones.base import BackboneOutput
+from e2ip.registry import Configurable
 from e2ip.stats.losses import force_mse
 from e2ip.stats.predictive import Predictive
 
@@ -22,7 +22,7 @@ class FeatureDims:
     num_tensors: int = 0
 
 
-class Head(nn.Module, ABC):
+class Head(Configurable, nn.Module, ABC):
     """A head reads :class:`BackboneOutput` and the force mean (N, 3), and offers:
 
     - ``forward(features) -> dict`` of per-atom parameters,
@@ -39,7 +39,6 @@ class Head(nn.Module, ABC):
     name: ClassVar[str] = ""
     #: the method's name in tables and plots (:meth:`describe` may refine it per instance)
     label: ClassVar[str] = ""
-    Hyperparameters: ClassVar[type] = object
     has_uncertainty: ClassVar[bool] = True
     #: whether the head can take the feature-distance evidence (:meth:`feature_distance_options`)
     supports_feature_distance: ClassVar[bool] = False
@@ -54,13 +53,6 @@ class Head(nn.Module, ABC):
         self.force_scale = float(force_scale)
         self.hparams = hparams
 
-    @classmethod
-    def hparams_from_dict(cls, options: dict | None):
-        return cls.Hyperparameters(**(options or {}))
-
-    @classmethod
-    def hparams_to_dict(cls, hparams) -> dict:
-        return dataclasses.asdict(hparams)
 
 
     def describe(self) -> str:

@@ -44,6 +44,7 @@ from torch import nn
 from e2ip.errors import ModelError, first_line, short_repr, shorten
 from e2ip.files import atomic_torch_save
 from e2ip.models.state import portable_state_dict
+from e2ip.registry import Registry
 
 MODEL_FORMAT = "e2ip-model"
 #: the version written now; see the module docstring for what each version added
@@ -52,15 +53,11 @@ MODEL_VERSION = 3
 MODEL_FILE_NAME = "model.pt"
 DTYPES = ("float32", "float64")
 
-#: model kinds by their file's ``kind`` entry (filled by :func:`register_kind`)
-MODEL_KINDS: dict[str, type[nn.Module]] = {}
-
-
-def register_kind(cls: type[nn.Module]) -> type[nn.Module]:
-    """Class decorator: a model kind that :func:`load_model` rebuilds from files whose ``kind``
-    entry is ``cls.kind`` (the class offers ``from_spec(spec)``)."""
-    MODEL_KINDS[cls.kind] = cls
-    return cls
+#: model kinds by their file's ``kind`` entry
+MODEL_KINDS = Registry("model kind", key="kind")
+#: class decorator: a model kind that :func:`load_model` rebuilds from files whose ``kind`` entry
+#: is ``cls.kind`` (the class offers ``from_spec(spec)``)
+register_kind = MODEL_KINDS.register
 
 
 def model_file(path: str | os.PathLike) -> Path:

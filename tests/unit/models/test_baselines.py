@@ -23,9 +23,18 @@ from e2ip.models.ensemble import Ensemble
 from e2ip.models.io import MODEL_KINDS
 from e2ip.models.single import PotentialModel
 from e2ip.nn.irreps import l2_basis_tensor, sym_outer_l2
-from e2ip.stats.calibration import fit_calibration_floor, gaussian_coverage
+from e2ip.stats.calibration import fit_calibration_floor
 from e2ip.stats.losses import nig_nll
 from e2ip.stats.predictive import Gaussian, IndependentStudentT, StudentT
+
+
+def gaussian_coverage(errors, epistemic, variance: float, level: float = 0.95) -> float:
+    """Reference Coverage(level) of N(0, U + variance I): mean(chi2_3.cdf(e^T C^-1 e) <= level),
+    with scipy, in float64."""
+    errors = np.asarray(errors, dtype=np.float64)
+    cov = np.asarray(epistemic, dtype=np.float64) + variance * np.eye(3)
+    quad = np.einsum("ni,ni->n", errors, np.linalg.solve(cov, errors[..., None])[..., 0])
+    return float(np.mean(stats.chi2.cdf(quad, 3) <= level))
 
 BACKBONE = {"num_features": 16, "num_layers": 2, "num_radial": 8}
 
