@@ -28,8 +28,6 @@ Unlike the reference code, which uses the plain mean over neighbours (it jumps w
 crosses the cutoff), u_i is weighted by the cutoff function, so the frame varies smoothly.
 """
 
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass
 
@@ -73,9 +71,10 @@ class AlphaNetHyperparameters:
     readout_hidden: int = 0
 
 
-def edge_frames(edge_index, edge_vectors, fcut, num_nodes: int, cutoff: float, eps: float):
+def edge_frames(edge_index: torch.Tensor, edge_vectors: torch.Tensor, fcut: torch.Tensor,
+                num_nodes: int, cutoff: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-edge frames (E, 3, 3) (rows e1, e2, e3) and geometric invariants (E, NUM_GEOMETRY)."""
-    i, j = edge_index
+    i, j = edge_index[0], edge_index[1]
     r = torch.linalg.norm(edge_vectors, dim=-1, keepdim=True)
     e1 = edge_vectors / r
     u = scatter_sum(fcut.unsqueeze(-1) * edge_vectors, i, num_nodes)  # (N, 3) Å
@@ -97,12 +96,12 @@ def edge_frames(edge_index, edge_vectors, fcut, num_nodes: int, cutoff: float, e
     return frame, geometry
 
 
-def frame_invariants(frame, vm, edge_index):
-    """Project mixed vectors vm (N, 3, K) of both ends into the edge frames.
+def frame_invariants(frame: torch.Tensor, vm: torch.Tensor, i: torch.Tensor,
+                     j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Project mixed vectors vm (N, 3, K) of both ends i, j (E,) into the edge frames.
 
     Returns the projections p_i, p_j (E, 3, K) and the O(3) invariants (E, 7K):
     p_i1, p_i2, p_i3^2, p_j1, p_j2, p_j3^2, p_i3 p_j3 (axis 3 is axial, so only even products)."""
-    i, j = edge_index
     pi = torch.matmul(frame, vm[i])
     pj = torch.matmul(frame, vm[j])
     inv = torch.cat([pi[:, 0], pi[:, 1], pi[:, 2] ** 2, pj[:, 0], pj[:, 1], pj[:, 2] ** 2,
@@ -125,18 +124,34 @@ class FrameMessage(nn.Module):
         self.edge_net = mlp([7 * k + NUM_GEOMETRY + num_radial, hidden, 6 * f])
         self.phi = mlp([f, f, 6 * f])
 
-    def forward(self, s, v, edge_index, frame, edge_attr, fcut, norm, chunk: int = 0):
-        i, j = edge_index
-        ds, dv = sum_over_edges(self.edge_messages, i, s.shape[0], (self.phi(s), v, self.mix(v)),
-                                (i, j, frame, edge_attr, fcut), chunk)
+    def forward(self, s: torch.Tensor, v: torch.Tensor, edge_index: torch.Tensor,
+                frame: torch.Tensor, edge_attr: torch.Tensor, fcut: torch.Tensor, norm: float,
+                chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        i, j = edge_index[0], edge_index[1]
+        phi_s, vm = self.phi(s), self.mix(v)
+        if chunk > 0 and i.shape[0] > chunk and not torch.jit.is_scripting():
+            ds, dv = self._chunked(phi_s, v, vm, i, j, frame, edge_attr, fcut, chunk)
+        else:
+            a_s, a_v = self.edge_messages(phi_s, v, vm, i, j, frame, edge_attr, fcut)
+            ds, dv = scatter_sum(a_s, i, s.shape[0]), scatter_sum(a_v, i, s.shape[0])
         return s + ds / norm, v + dv / norm
 
-    def edge_messages(self, phi_s, v, vm, i, j, frame, edge_attr, fcut):
+    @torch.jit.unused
+    def _chunked(self, phi_s, v, vm, i, j, frame, edge_attr, fcut, chunk: int):
+        """The sums over edges in checkpointed chunks (eager inference on large graphs)."""
+        return sum_over_edges(self.edge_messages, i, phi_s.shape[0], (phi_s, v, vm),
+                              (i, j, frame, edge_attr, fcut), chunk)
+
+    def edge_messages(self, phi_s: torch.Tensor, v: torch.Tensor, vm: torch.Tensor,
+                      i: torch.Tensor, j: torch.Tensor, frame: torch.Tensor,
+                      edge_attr: torch.Tensor,
+                      fcut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scalar (E, F) and vector (E, 3, F) messages of edges i <- j."""
-        _, _, inv = frame_invariants(frame, vm, (i, j))
+        _, _, inv = frame_invariants(frame, vm, i, j)
         x = phi_s[j] * self.edge_net(torch.cat([inv, edge_attr], dim=-1))
         x = x * fcut.unsqueeze(-1)
-        ds, a1, a2, b1, b2, b3 = torch.split(x, self.f, dim=-1)
+        parts = torch.split(x, self.f, dim=-1)
+        ds, a1, a2, b1, b2, b3 = parts[0], parts[1], parts[2], parts[3], parts[4], parts[5]
         p = torch.matmul(frame, v[j])  # (E, 3, F): v_j in the frame
         coef = torch.stack([a1 + b1 * p[:, 0], a2 + b2 * p[:, 1], b3 * p[:, 2]], dim=1)
         return ds, torch.matmul(frame.transpose(1, 2), coef)  # dv = sum_a e_a coef_a
@@ -164,15 +179,29 @@ class FrameTensorReadout(nn.Module):
         self.basis = l2_basis_tensor(self.basis.dtype, self.basis.device)
         return out
 
-    def forward(self, s, v, edge_index, frame, edge_attr, fcut, norm, chunk: int = 0):
-        i, j = edge_index
-        (t,) = sum_over_edges(self.edge_tensors, i, s.shape[0], (self.phi(s), self.mix(v)),
-                              (i, j, frame, edge_attr, fcut), chunk)
+    def forward(self, s: torch.Tensor, v: torch.Tensor, edge_index: torch.Tensor,
+                frame: torch.Tensor, edge_attr: torch.Tensor, fcut: torch.Tensor, norm: float,
+                chunk: int = 0) -> torch.Tensor:
+        i, j = edge_index[0], edge_index[1]
+        phi_s, vm = self.phi(s), self.mix(v)
+        if chunk > 0 and i.shape[0] > chunk and not torch.jit.is_scripting():
+            t = self._chunked(phi_s, vm, i, j, frame, edge_attr, fcut, chunk)
+        else:
+            t = scatter_sum(self.edge_tensors(phi_s, vm, i, j, frame, edge_attr, fcut), i,
+                            s.shape[0])
         return t / norm
 
-    def edge_tensors(self, phi_s, vm, i, j, frame, edge_attr, fcut):
+    @torch.jit.unused
+    def _chunked(self, phi_s, vm, i, j, frame, edge_attr, fcut, chunk: int):
+        (t,) = sum_over_edges(self.edge_tensors, i, phi_s.shape[0], (phi_s, vm),
+                              (i, j, frame, edge_attr, fcut), chunk)
+        return t
+
+    def edge_tensors(self, phi_s: torch.Tensor, vm: torch.Tensor, i: torch.Tensor,
+                     j: torch.Tensor, frame: torch.Tensor, edge_attr: torch.Tensor,
+                     fcut: torch.Tensor) -> torch.Tensor:
         """2e messages (E, F2, 5) of edges i <- j."""
-        pi, pj, inv = frame_invariants(frame, vm, (i, j))
+        pi, pj, inv = frame_invariants(frame, vm, i, j)
         g = phi_s[j] * self.edge_net(torch.cat([inv, edge_attr], dim=-1))
         g = (g * fcut.unsqueeze(-1)).view(-1, self.f2, 6)
         sigma = self.pseudo(torch.cat([pi[:, 2], pj[:, 2]], dim=-1))  # (E, F2) pseudoscalars
@@ -208,23 +237,29 @@ class AlphaNetBackbone(Backbone):
         self.tensor_readout = FrameTensorReadout(f, k, f2, hp.num_radial, hidden) if f2 else None
         h = hp.readout_hidden or max(f // 2, 1)
         self.readout = mlp([f, h, 1])
+        self.frame_eps, self.avg_num_neighbors = float(hp.frame_eps), float(hp.avg_num_neighbors)
 
-    def forward(self, species, edge_index, edge_vectors, batch, num_graphs) -> BackboneOutput:
-        hp = self.hparams
+    def forward(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor,
+                batch: torch.Tensor, num_graphs: int) -> BackboneOutput:
         n = species.shape[0]
-        i, j = edge_index
+        i, j = edge_index[0], edge_index[1]
         r = torch.linalg.norm(edge_vectors, dim=-1)
         rbf = self.rbf(r)
         fcut = cosine_cutoff(r, self.cutoff)
         frame, geometry = edge_frames(edge_index, edge_vectors, fcut, n, self.cutoff,
-                                      hp.frame_eps)
+                                      self.frame_eps)
         edge_attr = torch.cat([geometry, rbf], dim=-1)
-        norm = hp.avg_num_neighbors
+        norm = self.avg_num_neighbors
 
         s = self.embedding(species)
-        chunk = self.edge_chunk()
-        (v,) = sum_over_edges(self.initial_vectors, i, n, (self.init_embedding(species),),
-                              (j, frame, rbf, fcut), chunk)
+        embedded = self.init_embedding(species)
+        chunk = 0
+        if not torch.jit.is_scripting():
+            chunk = self.edge_chunk()
+        if chunk > 0 and i.shape[0] > chunk and not torch.jit.is_scripting():
+            v = self._chunked_initial_vectors(embedded, i, j, frame, rbf, fcut, chunk)
+        else:
+            v = scatter_sum(self.initial_vectors(embedded, j, frame, rbf, fcut), i, n)
         v = v / math.sqrt(norm)
         for message, update in zip(self.messages, self.updates):
             s, v = message(s, v, edge_index, frame, edge_attr, fcut, norm, chunk)
@@ -235,7 +270,14 @@ class AlphaNetBackbone(Backbone):
         return BackboneOutput(scalars=s, vectors=v.transpose(1, 2), tensors=tensors,
                               atomic_energy=self.readout(s).squeeze(-1))
 
-    def initial_vectors(self, embedded, j, frame, rbf, fcut):
+    @torch.jit.unused
+    def _chunked_initial_vectors(self, embedded, i, j, frame, rbf, fcut, chunk: int):
+        (v,) = sum_over_edges(self.initial_vectors, i, embedded.shape[0], (embedded,),
+                              (j, frame, rbf, fcut), chunk)
+        return v
+
+    def initial_vectors(self, embedded: torch.Tensor, j: torch.Tensor, frame: torch.Tensor,
+                        rbf: torch.Tensor, fcut: torch.Tensor) -> torch.Tensor:
         """Initial vector messages (E, 3, F): the bond axis e1 times a radial, species filter."""
         w0 = self.init_filter(rbf) * embedded[j] * fcut.unsqueeze(-1)
         return frame[:, 0, :, None] * w0[:, None, :]

@@ -16,11 +16,8 @@ vectors r_j - r_i (E, 3) in Å (differentiable: forces come from autograd), the 
 each atom (N,) and the number of structures. A backbone never knows about uncertainty.
 """
 
-from __future__ import annotations
-
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -28,8 +25,9 @@ from torch import nn
 from e2ip.registry import Configurable
 
 
-@dataclass
-class BackboneOutput:
+class BackboneOutput(NamedTuple):
+    """What a backbone returns (a NamedTuple: TorchScript compiles it, unlike a dataclass)."""
+
     scalars: torch.Tensor
     atomic_energy: torch.Tensor
     vectors: torch.Tensor | None = None

@@ -19,8 +19,6 @@ calls them and reshapes the irreps layout into (N, mul, 2l+1) views. The network
 under O(3) (rotations and reflections): ``1o`` rotates as ``R v``, ``2e`` as ``R T R^T``.
 """
 
-from __future__ import annotations
-
 from contextlib import contextmanager
 from dataclasses import dataclass
 

@@ -1,7 +1,5 @@
 """The Head interface: per-atom uncertainty from backbone features, independent of the backbone."""
 
-from __future__ import annotations
-
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar

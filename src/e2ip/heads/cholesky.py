@@ -7,8 +7,6 @@ of the vector (and rank-2) features. Evidence (kappa, nu) and the losses are exa
 equivariant: rotating the structure does not rotate Sigma0.
 """
 
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass
 
@@ -48,6 +46,8 @@ class CholeskyHyperparameters:
 class CholeskyHead(Head):
     """NIW evidence with Sigma0 = sigma_F^2 (L L^T + eps I), L from lab-frame features."""
 
+    # feature widths fixed at construction: TorchScript compiles only the branches they select
+    __constants__ = ["num_vectors", "num_tensors"]
     name = "cholesky"
     label = "e2IP w/o equiv."
     Hyperparameters = CholeskyHyperparameters
@@ -67,27 +67,35 @@ class CholeskyHead(Head):
         # integer index buffers follow the module's device (dtype casts leave them alone)
         self.register_buffer("tril_index", _TRIL.clone(), persistent=False)
         self.register_buffer("diag_index", _DIAG.clone(), persistent=False)
+        self.num_vectors, self.num_tensors = dims.num_vectors, dims.num_tensors
+        self.jitter, self.kappa_min = float(hparams.jitter), float(hparams.kappa_min)
+        self.nu_floor = D + 1 + float(hparams.nu_margin)
 
     def lab_features(self, features: BackboneOutput) -> torch.Tensor:
         parts = [features.scalars]
-        if self.dims.num_vectors:
-            parts.append(features.vectors.flatten(1))  # (N, F1 * 3), lab-frame components
-        if self.dims.num_tensors:
-            parts.append(features.tensors.flatten(1))
+        if self.num_vectors > 0:
+            vectors = features.vectors
+            assert vectors is not None
+            parts.append(vectors.flatten(1))  # (N, F1 * 3), lab-frame components
+        if self.num_tensors > 0:
+            tensors = features.tensors
+            assert tensors is not None
+            parts.append(tensors.flatten(1))
         return torch.cat(parts, dim=-1)
 
     def forward(self, features: BackboneOutput) -> dict[str, torch.Tensor]:
-        hp = self.hparams
-        z_kappa, z_nu = self.evidence_mlp(features.scalars).unbind(-1)
+        evidence = self.evidence_mlp(features.scalars)
+        z_kappa, z_nu = evidence[:, 0], evidence[:, 1]
         entries = self.cholesky_mlp(self.lab_features(features))  # (N, 6)
-        diag_index, (rows, cols) = self.diag_index, self.tril_index
+        diag_index = self.diag_index
+        rows, cols = self.tril_index[0], self.tril_index[1]
         entries = entries.index_copy(1, diag_index, nn.functional.softplus(entries[:, diag_index]))
-        chol = entries.new_zeros(entries.shape[0], D, D)
+        chol = entries.new_zeros(entries.shape[0], 3, 3)
         chol[:, rows, cols] = entries
-        eye = torch.eye(D, dtype=entries.dtype, device=entries.device)
-        sigma0 = self.force_scale**2 * (chol @ chol.transpose(-1, -2) + hp.jitter * eye)
-        kappa = nn.functional.softplus(z_kappa) + hp.kappa_min
-        nu = nn.functional.softplus(z_nu) + D + 1 + hp.nu_margin
+        eye = torch.eye(3, dtype=entries.dtype, device=entries.device)
+        sigma0 = self.force_scale**2 * (chol @ chol.transpose(-1, -2) + self.jitter * eye)
+        kappa = nn.functional.softplus(z_kappa) + self.kappa_min
+        nu = nn.functional.softplus(z_nu) + self.nu_floor
         return {"L": chol, "sigma0": sigma0, "kappa": kappa, "nu": nu}
 
     @staticmethod

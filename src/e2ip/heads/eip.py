@@ -10,8 +10,6 @@ Marginal predictive per axis: Student-t with dof 2 alpha, location gamma and sca
 beta (1 + v) / (v alpha). Aleatoric variance beta / (alpha - 1), epistemic beta / (v (alpha - 1)).
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +18,7 @@ from torch import nn
 from e2ip.backbones.base import BackboneOutput
 from e2ip.constants import DIM as D
 from e2ip.heads.base import FeatureDims, Head
-from e2ip.nn.irreps import l2_to_matrix
+from e2ip.nn.irreps import L2_BASIS, l2_to_matrix
 from e2ip.nn.mlp import mlp
 from e2ip.stats.losses import nig_nll, nig_regularizer
 from e2ip.stats.predictive import IndependentStudentT
@@ -53,6 +51,8 @@ class EIPHead(Head):
     label = "eIP"
     Hyperparameters = EIPHyperparameters
     equivariant = False
+    # feature widths fixed at construction: TorchScript compiles only the branches they select
+    __constants__ = ["num_vectors", "num_tensors"]
 
     def __init__(self, dims: FeatureDims, force_scale: float, hparams: EIPHyperparameters):
         super().__init__(dims, force_scale, hparams)
@@ -64,25 +64,33 @@ class EIPHead(Head):
         with torch.no_grad():  # start near v = alpha - 1 = ln 2, beta / (alpha - 1) ~ sigma_F^2
             last.weight.mul_(0.1)
             last.bias.zero_()
+        self.num_vectors, self.num_tensors = dims.num_vectors, dims.num_tensors
+        self.v_min, self.beta_min = float(hparams.v_min), float(hparams.beta_min)
+        self.alpha_floor = 1.0 + float(hparams.alpha_margin)
+        self.register_buffer("l2_basis", torch.tensor(L2_BASIS, dtype=torch.float64),
+                             persistent=False)
 
     def axis_features(self, features: BackboneOutput) -> torch.Tensor:
         """(N, 3, F): for each lab axis k, the scalars and the k-th Cartesian components."""
         s = features.scalars
-        parts = [s.unsqueeze(1).expand(-1, D, -1)]
-        if self.dims.num_vectors:
-            parts.append(features.vectors.transpose(1, 2))  # (N, F1, 3) -> (N, 3, F1)
-        if self.dims.num_tensors:
-            mats = l2_to_matrix(features.tensors)  # (N, F2, 3, 3), basis built in their dtype
+        parts = [s.unsqueeze(1).expand(-1, 3, -1)]
+        if self.num_vectors > 0:
+            vectors = features.vectors
+            assert vectors is not None
+            parts.append(vectors.transpose(1, 2))  # (N, F1, 3) -> (N, 3, F1)
+        if self.num_tensors > 0:
+            tensors = features.tensors
+            assert tensors is not None
+            mats = l2_to_matrix(tensors, self.l2_basis.to(tensors.dtype))  # (N, F2, 3, 3)
             parts.append(mats.permute(0, 2, 1, 3).flatten(2))  # row k of every channel
         return torch.cat(parts, dim=-1)
 
     def forward(self, features: BackboneOutput) -> dict[str, torch.Tensor]:
-        hp = self.hparams
         out = self.axis_mlp(self.axis_features(features))  # (N, 3, 3): axis, (v, alpha, beta)
         softplus = nn.functional.softplus
-        v = softplus(out[..., 0]) + hp.v_min
-        alpha = softplus(out[..., 1]) + 1.0 + hp.alpha_margin
-        beta = (softplus(out[..., 2]) + hp.beta_min) * self.force_scale**2
+        v = softplus(out[..., 0]) + self.v_min
+        alpha = softplus(out[..., 1]) + self.alpha_floor
+        beta = (softplus(out[..., 2]) + self.beta_min) * self.force_scale**2
         return {"v": v, "alpha": alpha, "beta": beta}
 
     def loss(self, params, forces, forces_ref):

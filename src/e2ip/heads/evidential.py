@@ -1,8 +1,6 @@
 """The e2IP head: Normal-Inverse-Wishart evidence with an equivariant SPD scale expm(A)
 (docs/maths.md §1-5)."""
 
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -15,7 +13,7 @@ from e2ip.constants import DIM as D
 from e2ip.heads.base import FeatureDims, Head
 from e2ip.heads.feature_distance import FeatureDistance
 from e2ip.heads.spd import damp_norm, damp_scalar, expm_symmetric
-from e2ip.nn.irreps import l2_basis_tensor, l2_to_matrix, sym_outer_l2
+from e2ip.nn.irreps import L2_BASIS, l2_to_matrix, sym_outer_l2
 from e2ip.nn.mlp import mlp
 from e2ip.stats.losses import niw_nll, niw_regularizer
 from e2ip.stats.predictive import StudentT
@@ -72,7 +70,10 @@ class E2IPHead(Head):
 
     name = "e2ip"
     label = "e2IP"
+    Hyperparameters = E2IPHyperparameters
     supports_feature_distance = True
+    # settings fixed at construction: TorchScript compiles only the branch they select
+    __constants__ = ["use_native_l2", "uses_feature_statistics", "damping"]
 
     @classmethod
     def feature_distance_options(cls, options: dict) -> dict:
@@ -82,8 +83,6 @@ class E2IPHead(Head):
         """'e2IP', 'e2IP w/o damping', with '-FD' for the feature-distance evidence."""
         label = self.label if self.hparams.damping else "e2IP w/o damping"
         return label + ("-FD" if self.uses_feature_statistics else "")
-    Hyperparameters = E2IPHyperparameters
-
 
     def __init__(self, dims: FeatureDims, force_scale: float, hparams: E2IPHyperparameters):
         super().__init__(dims, force_scale, hparams)
@@ -111,32 +110,44 @@ class E2IPHead(Head):
         # the damper bounds |B|_F = |c2'| <= cmax2 (T is an isometry), which fixes expm's squaring
         # count: no host sync in the hot path, a static graph for torch.compile
         self.expm_norm_bound = hparams.cmax2 if hparams.damping else None
+        # the hyperparameters the forward pass reads, as plain attributes (TorchScript)
+        self.damping = bool(hparams.damping)
+        self.tau0, self.cmax0 = float(hparams.tau0), float(hparams.cmax0)
+        self.tau2, self.cmax2 = float(hparams.tau2), float(hparams.cmax2)
+        self.kappa_min = float(hparams.kappa_min)
+        self.nu_floor = D + 1 + float(hparams.nu_margin)  # nu > D + 1 + nu_margin
+        # the constant irreps -> matrix map T (not saved: rebuilt from its exact float64 values)
+        self.register_buffer("l2_basis", torch.tensor(L2_BASIS, dtype=torch.float64),
+                             persistent=False)
 
     def expm(self, a_mat: torch.Tensor) -> torch.Tensor:
         """expm of the head's A (or -A), (N, 3, 3)."""
         return expm_symmetric(a_mat, max_norm=self.expm_norm_bound)
 
     def forward(self, features: BackboneOutput) -> dict[str, torch.Tensor]:
-        hp = self.hparams
         out = self.scalar_mlp(features.scalars)
         c0, z_kappa, z_nu = out[:, 0], out[:, 1], out[:, 2]
         gates = out[:, 3:]
-        basis = l2_basis_tensor(features.scalars.dtype, features.scalars.device)
+        basis = self.l2_basis.to(features.scalars.dtype)
         if self.use_native_l2:
-            t = self.mix_l2(features.tensors.transpose(1, 2)).transpose(1, 2)  # (N, K, 5)
+            tensors = features.tensors
+            assert tensors is not None
+            t = self.mix_l2(tensors.transpose(1, 2)).transpose(1, 2)  # (N, K, 5)
         else:
-            v = features.vectors.transpose(1, 2)  # (N, 3, F)
+            vectors = features.vectors
+            assert vectors is not None
+            v = vectors.transpose(1, 2)  # (N, 3, F)
             a = self.mix_a(v).transpose(1, 2)  # (N, K, 3)
             b = self.mix_b(v).transpose(1, 2)
             t = sym_outer_l2(a, b, basis)  # (N, K, 5)
         c2 = (gates.unsqueeze(-1) * t).sum(1)
-        if hp.damping:
-            c0 = damp_scalar(c0, hp.tau0, hp.cmax0)
-            c2 = damp_norm(c2, hp.tau2, hp.cmax2)
-        eye = torch.eye(D, dtype=c2.dtype, device=c2.device)
+        if self.damping:
+            c0 = damp_scalar(c0, self.tau0, self.cmax0)
+            c2 = damp_norm(c2, self.tau2, self.cmax2)
+        eye = torch.eye(3, dtype=c2.dtype, device=c2.device)
         a_mat = (self.s_ref + c0)[:, None, None] * eye + l2_to_matrix(c2, basis)
-        kappa = nn.functional.softplus(z_kappa) + hp.kappa_min
-        nu = nn.functional.softplus(z_nu) + D + 1 + hp.nu_margin
+        kappa = nn.functional.softplus(z_kappa) + self.kappa_min
+        nu = nn.functional.softplus(z_nu) + self.nu_floor
         params = {"A": a_mat, "c0": c0, "c2": c2, "kappa": kappa, "nu": nu}
         if self.uses_feature_statistics:  # a Python constant of the head: no branching on data
             distance = self.feature_distance(features.scalars)

@@ -11,8 +11,6 @@ Written by hand (no library offers it): the fit streams H^T H over batches, and 
 is one (N, F) x (F, F) product, F the backbone's scalar width (64 for PaiNN's default).
 """
 
-from __future__ import annotations
-
 from collections.abc import Iterable
 
 import torch
@@ -29,13 +27,14 @@ class FeatureDistance(nn.Module):
     def __init__(self, num_features: int, ridge: float = 1e-3):
         super().__init__()
         self.ridge = float(ridge)
+        self.min_distance = MIN_DISTANCE
         self.register_buffer("whitening", torch.zeros(num_features, num_features,
                                                       dtype=torch.float64))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         w = self.whitening.to(features.dtype)
-        r = (features @ w.T).square().sum(-1).clamp_min(MIN_DISTANCE)
+        r = (features @ w.T).square().sum(-1).clamp_min(self.min_distance)
         # torch.where, not `if self.fitted`: no host sync, one static graph for torch.compile
         return torch.where(self.fitted, r, torch.ones_like(r))
 

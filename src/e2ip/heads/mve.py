@@ -8,8 +8,6 @@ such model has aleatoric uncertainty only (its epistemic covariance is zero); in
 the epistemic part.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch
@@ -45,9 +43,10 @@ class MVEHead(Head):
         with torch.no_grad():  # start at sigma^2 ~ sigma_F^2
             self.variance_mlp[-1].weight.mul_(0.1)
             self.variance_mlp[-1].bias.zero_()
+        self.log_variance_bound = float(hparams.log_variance_bound)
 
     def forward(self, features: BackboneOutput) -> dict[str, torch.Tensor]:
-        bound = self.hparams.log_variance_bound
+        bound = self.log_variance_bound
         raw = self.variance_mlp(features.scalars).squeeze(-1)
         return {"log_variance": bound * torch.tanh(raw / bound)}  # s, (N,)
 

@@ -1,8 +1,6 @@
 """From `0e + 2e` coefficients to an SPD matrix (docs/maths.md §2): spectral damping and the
 symmetric matrix exponential. The constant irreps -> matrix map T is :mod:`e2ip.nn.irreps`."""
 
-from __future__ import annotations
-
 import math
 
 import torch

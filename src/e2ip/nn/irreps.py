@@ -6,8 +6,6 @@ Conventions (e3nn 0.6, checked in the tests): ``1o`` is (x, y, z); the ``2e`` ba
 The basis is precomputed once per dtype and device.
 """
 
-from __future__ import annotations
-
 import functools
 import math
 
@@ -31,7 +29,9 @@ def _cached_l2_basis(dtype: torch.dtype, device: torch.device | None) -> torch.T
     return torch.tensor(L2_BASIS, dtype=torch.float64).to(dtype=dtype, device=device)
 
 
-def l2_basis_tensor(dtype=None, device=None) -> torch.Tensor:
+@torch.jit.unused  # scripted code passes the basis (a buffer of the module) explicitly
+def l2_basis_tensor(dtype: torch.dtype | None = None,
+                    device: torch.device | None = None) -> torch.Tensor:
     """The (5, 3, 3) basis E_k of traceless symmetric matrices (T(c) = sum_k c_k E_k), built once
     per dtype and device from float64 values (exact to the dtype's precision; do not modify)."""
     return _cached_l2_basis(dtype or torch.get_default_dtype(),

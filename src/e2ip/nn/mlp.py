@@ -1,7 +1,5 @@
 """Multi-layer perceptrons."""
 
-from __future__ import annotations
-
 from torch import nn
 
 

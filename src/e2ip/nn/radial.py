@@ -1,7 +1,5 @@
 """Radial basis functions and smooth cutoff envelopes of interatomic distances (Å)."""
 
-from __future__ import annotations
-
 import math
 
 import torch

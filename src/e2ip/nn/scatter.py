@@ -1,7 +1,5 @@
 """Sums of per-edge (or per-atom) rows into bins: per-atom message sums, per-structure energies."""
 
-from __future__ import annotations
-
 import torch
 from torch.utils.checkpoint import checkpoint
 
