@@ -27,6 +27,7 @@ import os
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
+from ase.outputs import Properties, all_outputs
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from e2ip.data.graph import AtomicGraph
@@ -151,6 +152,13 @@ class E2IPCalculator(Calculator):
                            cell=torch.from_numpy(cell).to(dev, dtype)[None],
                            edge_index=edge_index.to(dev), shifts=shifts.to(dev, dtype),
                            **self._constant)
+
+    def export_properties(self) -> Properties:
+        """The results ASE's `Properties` knows (energy, forces, stress, ...), for
+        `atoms.get_properties` and codes built on it (i-PI's ASE driver). The uncertainty arrays
+        stay in `calc.results` (and `atoms.calc.get_property("forces_covariance")`): ASE's
+        `Properties` refuses names it does not define."""
+        return Properties({k: v for k, v in self.results.items() if k in all_outputs})
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)

@@ -272,3 +272,19 @@ def test_edge_chunking_gives_the_same_results_with_stress(kind):
     for key, value in results[0].items():
         np.testing.assert_allclose(results[50][key], value, rtol=1e-10, atol=1e-12, err_msg=key)
     assert {"stress", "forces", "energy"} <= set(results[0])
+
+
+def test_get_properties_works_and_the_uncertainty_stays_in_results():
+    """ASE's `Properties` refuses names it does not define: `atoms.get_properties` (which
+    i-PI's ASE driver calls) raised KeyError 'forces_covariance' before."""
+    from ase.build import molecule
+
+    from e2ip.testing import small_model
+
+    atoms = molecule("CH3OH")
+    atoms.calc = E2IPCalculator(small_model("painn", "e2ip"))
+    props = atoms.get_properties(["energy", "forces"])
+    np.testing.assert_allclose(props["forces"], atoms.get_forces(), rtol=0, atol=0)
+    assert props["energy"] == atoms.get_potential_energy()
+    assert atoms.calc.results["forces_covariance"].shape == (len(atoms), 3, 3)
+    assert atoms.calc.get_property("forces_uncertainty").shape == (len(atoms),)
