@@ -73,7 +73,8 @@ class Head(Configurable, nn.Module, ABC):
     def predictive(self, params, forces) -> Predictive | None:
         return None
 
-    def covariances(self, params, forces) -> dict[str, torch.Tensor]:
+    def covariances(self, params: dict[str, torch.Tensor],
+                    forces: torch.Tensor | None) -> dict[str, torch.Tensor]:
         return {}
 
     def fit_feature_statistics(self, batches) -> int:
@@ -85,7 +86,7 @@ class Head(Configurable, nn.Module, ABC):
         """Whether :meth:`fit_feature_statistics` has run (True for heads that need none)."""
         return True
 
-    def scale_epistemic(self, params, factor: float) -> dict[str, torch.Tensor]:
+    def scale_epistemic(self, params: dict[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:
         """`params` with the epistemic covariance multiplied by `factor`."""
         raise NotImplementedError(f"the {self.name!r} head cannot scale its epistemic part")
 

@@ -124,7 +124,7 @@ class CholeskyHead(Head):
         reg = niw_regularizer(error, kappa, nu, self.force_scale)
         return {"loss": hp.nll_weight * nll + hp.reg_weight * reg, "nll": nll, "reg": reg}
 
-    def sigma0(self, params) -> torch.Tensor:
+    def sigma0(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         return params["sigma0"]
 
     def predictive(self, params, forces) -> StudentT:
@@ -136,9 +136,10 @@ class CholeskyHead(Head):
                         scale_inv=inverse / factor[:, None, None],
                         logdet=logdet + D * torch.log(factor))
 
-    def covariances(self, params, forces):
+    def covariances(self, params: dict[str, torch.Tensor],
+                    forces: torch.Tensor | None) -> dict[str, torch.Tensor]:
         sigma0, kappa, nu = params["sigma0"], params["kappa"], params["nu"]
-        aleatoric = (nu / (nu - D - 1))[:, None, None] * sigma0
+        aleatoric = (nu / (nu - 4.0))[:, None, None] * sigma0  # nu / (nu - D - 1)
         epistemic = aleatoric / kappa[:, None, None]
         return {"aleatoric": aleatoric, "epistemic": epistemic, "predictive": aleatoric + epistemic,
                 "sigma0": sigma0}

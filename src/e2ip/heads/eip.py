@@ -106,7 +106,8 @@ class EIPHead(Head):
         scale = torch.sqrt(beta * (1 + v) / (v * alpha))
         return IndependentStudentT(forces, scale, 2 * alpha)
 
-    def covariances(self, params, forces):
+    def covariances(self, params: dict[str, torch.Tensor],
+                    forces: torch.Tensor | None) -> dict[str, torch.Tensor]:
         v, alpha, beta = params["v"], params["alpha"], params["beta"]
         ale = beta / (alpha - 1)
         epi = ale / v

@@ -162,9 +162,11 @@ class E2IPHead(Head):
     def feature_statistics_fitted(self) -> bool:
         return not self.uses_feature_statistics or bool(self.feature_distance.fitted)
 
-    def scale_epistemic(self, params, factor: float) -> dict[str, torch.Tensor]:
+    def scale_epistemic(self, params: dict[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:
         # U_epi = U_ale / kappa: t U_epi is kappa / t; the aleatoric part keeps nu and Sigma0
-        return {**params, "kappa": params["kappa"] / factor}
+        out = params.copy()
+        out["kappa"] = params["kappa"] / factor
+        return out
 
     def loss(self, params, forces, forces_ref):
         hp = self.hparams
@@ -176,7 +178,7 @@ class E2IPHead(Head):
         reg = niw_regularizer(error, kappa, nu, self.force_scale)
         return {"loss": hp.nll_weight * nll + hp.reg_weight * reg, "nll": nll, "reg": reg}
 
-    def sigma0(self, params) -> torch.Tensor:
+    def sigma0(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.expm(params["A"])
 
     def predictive(self, params, forces) -> StudentT:
@@ -188,10 +190,11 @@ class E2IPHead(Head):
         logdet = a_mat.diagonal(dim1=-2, dim2=-1).sum(-1) + D * torch.log(factor)
         return StudentT(forces, scale, nu_pred, scale_inv=scale_inv, logdet=logdet)
 
-    def covariances(self, params, forces):
+    def covariances(self, params: dict[str, torch.Tensor],
+                    forces: torch.Tensor | None) -> dict[str, torch.Tensor]:
         sigma0 = self.sigma0(params)
         kappa, nu = params["kappa"], params["nu"]
-        aleatoric = (nu / (nu - D - 1))[:, None, None] * sigma0
+        aleatoric = (nu / (nu - 4.0))[:, None, None] * sigma0  # nu / (nu - D - 1)
         epistemic = aleatoric / kappa[:, None, None]
         return {"aleatoric": aleatoric, "epistemic": epistemic, "predictive": aleatoric + epistemic,
                 "sigma0": sigma0}

@@ -50,7 +50,7 @@ class MVEHead(Head):
         raw = self.variance_mlp(features.scalars).squeeze(-1)
         return {"log_variance": bound * torch.tanh(raw / bound)}  # s, (N,)
 
-    def variance(self, params) -> torch.Tensor:
+    def variance(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """sigma^2 (N,) in (eV/Å)^2."""
         return self.force_scale**2 * torch.exp(params["log_variance"])
 
@@ -64,8 +64,9 @@ class MVEHead(Head):
     def predictive(self, params, forces) -> Gaussian:
         return Gaussian(forces, self.covariances(params, forces)["predictive"])
 
-    def covariances(self, params, forces):
-        eye = torch.eye(D, dtype=params["log_variance"].dtype, device=params["log_variance"].device)
+    def covariances(self, params: dict[str, torch.Tensor],
+                    forces: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        eye = torch.eye(3, dtype=params["log_variance"].dtype, device=params["log_variance"].device)
         aleatoric = self.variance(params)[:, None, None] * eye
         return {"aleatoric": aleatoric, "epistemic": torch.zeros_like(aleatoric),
                 "predictive": aleatoric}

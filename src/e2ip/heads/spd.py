@@ -1,7 +1,6 @@
 """From `0e + 2e` coefficients to an SPD matrix (docs/maths.md §2): spectral damping and the
 symmetric matrix exponential. The constant irreps -> matrix map T is :mod:`e2ip.nn.irreps`."""
 
-import math
 
 import torch
 
@@ -27,8 +26,13 @@ def damp_norm(c2: torch.Tensor, tau: float, cmax: float, eps: float = 1e-12) -> 
 
 
 def squarings_for(norm_bound: float, theta: float = 0.5) -> int:
-    """The number of squarings s with norm_bound / 2^s <= theta."""
-    return max(0, math.ceil(math.log2(norm_bound / theta))) if norm_bound > theta else 0
+    """The smallest number of squarings s >= 0 with norm_bound / 2^s <= theta (a loop of exact
+    halvings: TorchScript has no math.log2)."""
+    s = 0
+    while norm_bound > theta:
+        norm_bound = norm_bound / 2.0
+        s += 1
+    return s
 
 
 def expm_symmetric(a: torch.Tensor, degree: int | None = None, theta: float = 0.5,
@@ -54,8 +58,8 @@ def expm_symmetric(a: torch.Tensor, degree: int | None = None, theta: float = 0.
     b = a - mean[:, None, None] * eye
     if max_norm is not None:
         s = squarings_for(max_norm, theta)
-    elif b.numel():
-        s = squarings_for(float(torch.linalg.matrix_norm(b.detach()).max()), theta)
+    elif b.numel() > 0:
+        s = squarings_for(float(torch.linalg.matrix_norm(b.detach()).max().item()), theta)
     else:
         s = 0
     x = b / (2.0**s)
