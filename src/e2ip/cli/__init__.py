@@ -1,4 +1,4 @@
-"""Command line: `e2ip train | evaluate | calibrate | compare | md | active-learn | data`.
+"""Command line: `e2ip train | evaluate | calibrate | compare | export | md | active-learn | data`.
 
 One thin module per command (``e2ip.cli.<command>``: ``NAME``, ``add_parser``, ``run``); the work
 is done in the layers below. Every problem with the input (data, configuration, model file,
@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from e2ip.cli import active_learn, calibrate, compare, data, evaluate, md, train
+from e2ip.cli import active_learn, calibrate, compare, data, evaluate, export, md, train
 from e2ip.cli.common import Parser
 from e2ip.errors import E2IPError
 
@@ -19,7 +19,7 @@ log = logging.getLogger("e2ip")
 
 #: the sub-commands, in the order `e2ip --help` lists them
 COMMANDS = {module.NAME: module
-            for module in (train, evaluate, calibrate, compare, md, active_learn, data)}
+            for module in (train, evaluate, calibrate, compare, export, md, active_learn, data)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,7 +88,8 @@ class Head(Configurable, nn.Module, ABC):
 
     def scale_epistemic(self, params: dict[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:
         """`params` with the epistemic covariance multiplied by `factor`."""
-        raise NotImplementedError(f"the {self.name!r} head cannot scale its epistemic part")
+        raise NotImplementedError("this head cannot scale its epistemic part (scales_epistemic "
+                                  "is False)")
 
 
 @dataclass

@@ -20,10 +20,11 @@ from e2ip.stats.calibration import fit_variance_and_epistemic_scale, fit_varianc
 from e2ip.stats.predictive import StudentT, concatenate
 
 
-def atomic_energies(eps: torch.Tensor, energy_scale, reference_energies: torch.Tensor,
+def atomic_energies(eps: torch.Tensor, energy_scale: float, reference_energies: torch.Tensor,
                     species: torch.Tensor) -> torch.Tensor:
     """E_i = energy_scale * eps_i + E0[z_i] (eV), (N,), from the backbone's dimensionless atomic
-    energies eps (N,), the per-element reference energies E0 (eV) and each atom's species index."""
+    energies eps (N,), the per-element reference energies E0 (eV) and each atom's species index.
+    (The ensemble's batched path passes a 0-d tensor as the scale; TorchScript sees floats.)"""
     return eps * energy_scale + reference_energies[species].to(eps.dtype)
 
 
