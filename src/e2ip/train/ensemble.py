@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from e2ip.models.ensemble import Ensemble
+from e2ip.models.io import MODEL_FILE_NAME
 from e2ip.models.single import PotentialModel
 from e2ip.train.config.schema import Config
 from e2ip.train.datasets import PreparedData, prepare_data
@@ -32,7 +33,7 @@ def train_ensemble(cfg: Config, out_dir, *, data: PreparedData | None = None,
     members = []
     for k in range(cfg.ensemble.size):
         member_dir = out_dir / f"member_{k}"
-        done = member_dir / "model.pt"
+        done = member_dir / MODEL_FILE_NAME
         if resume and done.exists():
             members.append(PotentialModel.load(done))
             continue

@@ -11,6 +11,7 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 
 from e2ip.errors import ConfigError
+from e2ip.models.io import MODEL_FILE_NAME
 from e2ip.train.config.schema import Config
 from e2ip.train.config.yaml_io import config_diff, dump_config, flat_config, load_config
 from e2ip.train.datasets import prepare_data
@@ -108,7 +109,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: bool = False, force: 
         value = model.calibrate(data.validation, batch_size=cfg.data.eval_batch_size)
         log.info("calibration (%s) fitted on the validation set: %.4g",
                  model.calibration_method, value)
-    model.save(out_dir / "model.pt")
+    model.save(out_dir / MODEL_FILE_NAME)
     test = data.test or data.validation
     metrics = evaluate_and_report(model, test, out_dir, units=cfg.data.report_units,
                                   batch_size=cfg.data.eval_batch_size,

@@ -47,6 +47,7 @@ from e2ip.dynamics.active_learning.selection import distance_histogram, select_d
 from e2ip.dynamics.oracle import label
 from e2ip.errors import ConfigError
 from e2ip.files import atomic_write_text
+from e2ip.models.io import MODEL_FILE_NAME
 
 log = logging.getLogger("e2ip")
 
@@ -146,7 +147,7 @@ def _train(cfg: ALConfig, rnd: _Round, labelled: Path, previous: Path | None) ->
 
     run_dir = rnd.file("model")
     if (run_dir / "metrics.json").exists():
-        return run_dir / "model.pt"
+        return run_dir / MODEL_FILE_NAME
     tcfg = training_config(cfg, labelled, rnd.index, previous)
     holds = (run_dir / "checkpoints/last.ckpt").exists() or any(
         run_dir.glob("member_*/checkpoints/last.ckpt")) or any(run_dir.glob("member_*/model.pt"))
@@ -155,7 +156,7 @@ def _train(cfg: ALConfig, rnd: _Round, labelled: Path, previous: Path | None) ->
     log.info("round %d: training on %s (%s)", rnd.index, labelled,
              "fine-tuning" if previous else "from scratch")
     run_training(tcfg, run_dir, resume=holds, force=True)
-    return run_dir / "model.pt"
+    return run_dir / MODEL_FILE_NAME
 
 
 def _evaluate(rnd: _Round, model_path: Path, tests: dict, labelled: Path) -> None:
