@@ -12,7 +12,7 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import ModelOutput, NeighborListOptions, System
 from torch import nn
 
-from e2ip.integrations.metatomic import ScriptedPotential
+from e2ip.integrations.scripted import ScriptedEnsemble, ScriptedPotential
 
 
 def _no_components() -> list[Labels]:
@@ -23,7 +23,7 @@ class MetatomicPotential(nn.Module):
     """Energies and per-atom force covariances of a :class:`ScriptedPotential` for a list of
     metatomic systems, from the engine's full neighbour list."""
 
-    def __init__(self, core: ScriptedPotential, cutoff: float):
+    def __init__(self, core: ScriptedPotential | ScriptedEnsemble, cutoff: float):
         super().__init__()
         self.core = core
         self.neighbors = NeighborListOptions(cutoff=cutoff, full_list=True, strict=True)

@@ -10,6 +10,7 @@ Eigenvalues are checked in float64 with numpy, independently of the head's own e
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -80,11 +81,14 @@ def test_damping_bounds_the_condition_number(dims, dtype):
         for key, value in head.covariances(params, None).items():
             _assert_spd(value, f"scale {scale:g} {key}")
     assert worst > 0.5 * bound  # the extreme features do reach the damped regime
-    # the ablation without damping is not bounded: the same features break the bound
-    hp.damping = False
+    # the ablation without damping (the same weights) is not bounded: the same features break
+    # the bound (hyperparameters are read when the head is built)
+    undamped = HEADS["e2ip"](dims, force_scale=0.7,
+                             hparams=dataclasses.replace(hp, damping=False)).to(dtype)
+    undamped.load_state_dict(head.state_dict())
     features = _random_features(2000, 1e2, dims, dtype, seed=3)
     with torch.no_grad():
-        sigma0 = head.sigma0(head(features))
+        sigma0 = undamped.sigma0(undamped(features))
     m = sigma0.to(torch.float64).numpy()
     finite = np.isfinite(m).all(axis=(1, 2))
     eig = np.linalg.eigvalsh(m[finite])

@@ -1,0 +1,107 @@
+"""What an engine runs of an e2ip model, in a form TorchScript compiles: atomic energies and
+per-atom force covariances from the engine's edge vectors, for a single model and an ensemble.
+The export formats (:mod:`e2ip.integrations.metatomic`) wrap these."""
+
+import torch
+from torch import nn
+
+from e2ip.models.ensemble import Ensemble
+from e2ip.models.single import PotentialModel, atomic_energies
+
+
+class ScriptedPotential(nn.Module):
+    """Atomic energies (N,) eV and the force covariances (N, 3, 3) (eV/Å)^2 of one single model,
+    in a form TorchScript compiles: the model's backbone and head, its reference energies and
+    energy scale, and the calibration of `form` as constant factors. Forces are left to the
+    caller's autograd on the edge vectors."""
+
+    def __init__(self, model: PotentialModel, form: str):
+        super().__init__()
+        self.backbone = model.backbone
+        self.head = model.head
+        self.register_buffer("reference_energies", model.reference_energies.detach().clone())
+        self.register_buffer("species_lookup", model.species_lookup.detach().clone())
+        self.energy_scale = float(model.energy_scale)
+        self.has_uncertainty = bool(model.has_uncertainty)
+        calibrated = form == "cal"
+        # the form 'cal' of PotentialModel.covariances: epistemic part times t, all times s
+        self.variance_factor = float(model.variance_scale) if calibrated else 1.0
+        self.epistemic_factor = (float(model.epistemic_scale)
+                                 if calibrated and model.head.scales_epistemic else 1.0)
+
+    def forward(self, numbers: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor,
+                batch: torch.Tensor,
+                num_graphs: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        species = self.species_lookup[numbers]
+        features = self.backbone(species, edge_index, edge_vectors, batch, num_graphs)
+        atomic = atomic_energies(features.atomic_energy, self.energy_scale,
+                                 self.reference_energies, species)
+        covariances: dict[str, torch.Tensor] = {}
+        if self.has_uncertainty:
+            params = self.head(features)
+            if self.epistemic_factor != 1.0:
+                params = self.head.scale_epistemic(params, self.epistemic_factor)
+            for key, value in self.head.covariances(params, None).items():
+                covariances[key] = value * self.variance_factor
+        return atomic, covariances
+
+
+class ScriptedEnsemble(nn.Module):
+    """The same for a deep ensemble: the members' mean atomic energies; the epistemic
+    covariance of the members' forces (from their own autograd pass, the engine's graph kept);
+    the aleatoric part as in :meth:`e2ip.models.ensemble.Ensemble.covariances` (the floor of
+    `form`, or for a heteroskedastic ensemble the members' mean covariance times its scale);
+    and the spread of the members' atomic energies (``atomic_energy_std``, eV)."""
+
+    def __init__(self, ensemble: Ensemble, form: str):
+        super().__init__()
+        self.members = nn.ModuleList(ScriptedPotential(m, "raw") for m in ensemble.members)
+        self.heteroskedastic = bool(ensemble.heteroskedastic)
+        calibrated = form == "cal"
+        if self.heteroskedastic:
+            self.floor = float(ensemble.raw_floor)
+            self.scale = float(ensemble.calibration_variance) if calibrated else 1.0
+        else:
+            self.floor, self.scale = float(ensemble.floor(form)), 1.0
+
+    def forward(self, numbers: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor,
+                batch: torch.Tensor,
+                num_graphs: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n = numbers.shape[0]
+        centers, neighbors = edge_index[0], edge_index[1]
+        atomic_list: list[torch.Tensor] = []
+        forces_list: list[torch.Tensor] = []
+        aleatoric_list: list[torch.Tensor] = []
+        # the members' forces need autograd (TorchScript has no enable_grad block: engines that
+        # compute forces run with it on)
+        if not torch.is_grad_enabled():
+            raise RuntimeError("the ensemble's uncertainty needs autograd: call it with grad enabled")
+        vectors = edge_vectors
+        if not vectors.requires_grad:  # the engine wants no forces: a leaf of our own
+            vectors = edge_vectors.detach().requires_grad_(True)
+        for member in self.members:
+            atomic, covariances = member(numbers, edge_index, vectors, batch, num_graphs)
+            grads = torch.autograd.grad([atomic.sum()], [vectors], retain_graph=True)
+            grad = grads[0]
+            assert grad is not None
+            # r_e = x_neighbor - x_center (+ shift): F = -dE/dx from the edge gradients
+            zero = torch.zeros(n, 3, dtype=grad.dtype, device=grad.device)
+            forces = zero.index_add(0, centers, grad) - zero.index_add(0, neighbors, grad)
+            atomic_list.append(atomic)
+            forces_list.append(forces.detach())
+            if self.heteroskedastic:
+                aleatoric_list.append(covariances["predictive"].detach())
+        atomics = torch.stack(atomic_list)
+        member_forces = torch.stack(forces_list)
+        deviation = member_forces - member_forces.mean(0)
+        epistemic = torch.einsum("mni,mnj->nij", deviation, deviation) / len(forces_list)
+        eye = torch.eye(3, dtype=epistemic.dtype, device=epistemic.device)
+        if self.heteroskedastic:
+            aleatoric = torch.stack(aleatoric_list).mean(0) + self.floor * eye
+            epistemic, aleatoric = self.scale * epistemic, self.scale * aleatoric
+        else:
+            aleatoric = (self.floor * eye).expand_as(epistemic).clone()
+        covariances = {"epistemic": epistemic, "aleatoric": aleatoric,
+                       "predictive": epistemic + aleatoric,
+                       "atomic_energy_std": atomics.detach().std(0, unbiased=False)}
+        return atomics.mean(0), covariances
