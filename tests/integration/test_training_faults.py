@@ -133,7 +133,9 @@ DRIVER = textwrap.dedent("""
     from e2ip.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
-EPOCHS = 16
+#: long enough that the kills below always land while epochs remain (16 was not: on a fast
+#: machine a run could finish every epoch before a kill, and the next resume had nothing to do)
+EPOCHS = 40
 
 
 def _start(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
@@ -200,6 +202,7 @@ def test_sigkill_anywhere_then_resume_loses_nothing(tmp_path):
         time.sleep(rng.uniform(0.0, 0.6))
         assert proc.poll() is None, "finished before it could be killed: lengthen EPOCHS"
         kill(proc)
+        assert kills[-1][1] < EPOCHS, "every epoch done before the kill: lengthen EPOCHS"
     # 3) resume to the end
     proc = _start(resume)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
