@@ -62,6 +62,11 @@ class Backbone(Configurable, nn.Module, ABC):
         self.cutoff = float(cutoff)
         self.hparams = hparams
 
+    def for_torchscript(self) -> "Backbone":
+        """This backbone in a form ``torch.jit.script`` compiles (default: itself; a backbone
+        built from modules that must be compiled their own way returns a compiled copy)."""
+        return self
+
     @abstractmethod
     def forward(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor,
                 batch: torch.Tensor, num_graphs: int) -> BackboneOutput:

@@ -19,6 +19,7 @@ calls them and reshapes the irreps layout into (N, mul, 2l+1) views. The network
 under O(3) (rotations and reflections): ``1o`` rotates as ``R v``, ``2e`` as ``R T R^T``.
 """
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from torch import nn
 from e2ip.backbones.base import Backbone, BackboneOutput
 from e2ip.nn.mlp import mlp
 from e2ip.nn.radial import BesselBasis, polynomial_cutoff
-from e2ip.nn.scatter import sum_over_edges
+from e2ip.nn.scatter import scatter_sum, sum_over_edges
 
 
 @dataclass
@@ -104,6 +105,9 @@ def default_dtype(dtype: torch.dtype):
 
 
 class TPInteraction(nn.Module):
+    # fixed at construction: TorchScript compiles only the branches they select
+    __constants__ = ["correlation", "residual"]
+
     def __init__(self, irreps_in: o3.Irreps, irreps_hidden: o3.Irreps, irreps_sh: o3.Irreps,
                  num_species: int, hp: TensorProductHyperparameters):
         super().__init__()
@@ -141,10 +145,14 @@ class TPInteraction(nn.Module):
             irreps_in, o3.Irreps(f"{num_species}x0e"), irreps_pre)
         self.residual = irreps_in == irreps_hidden
 
-    def forward(self, h, onehot, sh, rbf, fcut, edge_index, chunk: int = 0):
-        i, j = edge_index
-        (a,) = sum_over_edges(self.edge_messages, i, h.shape[0], (self.linear_up(h),),
-                              (j, sh, rbf, fcut), chunk)
+    def forward(self, h: torch.Tensor, onehot: torch.Tensor, sh: torch.Tensor, rbf: torch.Tensor,
+                fcut: torch.Tensor, edge_index: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        i, j = edge_index[0], edge_index[1]
+        x = self.linear_up(h)
+        if chunk > 0 and i.shape[0] > chunk and not torch.jit.is_scripting():
+            a = self._chunked(x, i, j, sh, rbf, fcut, chunk)
+        else:
+            a = scatter_sum(self.edge_messages(x, j, sh, rbf, fcut), i, h.shape[0])
         a = a / self.avg_num_neighbors
         pre = self.linear_down(a) + self.self_connection(h, onehot)
         if self.correlation == 2:
@@ -153,7 +161,14 @@ class TPInteraction(nn.Module):
         out = self.gate(pre)
         return h + out if self.residual else out
 
-    def edge_messages(self, x, j, sh, rbf, fcut):
+    @torch.jit.unused
+    def _chunked(self, x, i, j, sh, rbf, fcut, chunk: int):
+        """The sums over edges in checkpointed chunks (eager inference on large graphs)."""
+        (a,) = sum_over_edges(self.edge_messages, i, x.shape[0], (x,), (j, sh, rbf, fcut), chunk)
+        return a
+
+    def edge_messages(self, x: torch.Tensor, j: torch.Tensor, sh: torch.Tensor, rbf: torch.Tensor,
+                      fcut: torch.Tensor) -> torch.Tensor:
         """Tensor-product messages (E, irreps_mid) of edges to neighbours j."""
         return self.tp(x[j], sh, self.radial(rbf) * fcut.unsqueeze(-1))
 
@@ -191,6 +206,17 @@ class TensorProductBackbone(Backbone):
                 module._buffers[name] = exact.to(device=buf.device, dtype=buf.dtype)
         return out
 
+    def for_torchscript(self) -> "TensorProductBackbone":
+        """A copy whose e3nn modules are compiled by e3nn (``e3nn.util.jit.compile``: traced or
+        scripted as each requires; e3nn's Gate and Activation cannot be scripted directly), so
+        that ``torch.jit.script`` compiles the rest. The eager model is left as it is."""
+        from e3nn.util.jit import compile as e3nn_compile
+
+        scriptable = copy.deepcopy(self).eval()
+        scriptable._exact_constants = []  # the copy's constants are already exact for its dtype
+        e3nn_compile(scriptable)
+        return scriptable
+
     def _build(self, num_species: int, cutoff: float, hp: TensorProductHyperparameters) -> None:
         if hp.num_scalars <= 0:
             raise ValueError("tensor_product needs num_scalars > 0")
@@ -214,22 +240,29 @@ class TensorProductBackbone(Backbone):
         self.layers = nn.ModuleList(layers)
         h = hp.readout_hidden or max(hp.num_scalars // 2, 1)
         self.readout = mlp([hp.num_scalars, h, 1])
+        self.cutoff_p = int(hp.cutoff_p)
 
-    def forward(self, species, edge_index, edge_vectors, batch, num_graphs) -> BackboneOutput:
-        hp = self.hparams
+    def forward(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor,
+                batch: torch.Tensor, num_graphs: int) -> BackboneOutput:
         r = torch.linalg.norm(edge_vectors, dim=-1)
         sh = self.sh(edge_vectors)
         rbf = self.rbf(r)
-        fcut = polynomial_cutoff(r, self.cutoff, hp.cutoff_p)
+        fcut = polynomial_cutoff(r, self.cutoff, self.cutoff_p)
         onehot = nn.functional.one_hot(species, self.num_species).to(edge_vectors.dtype)
         h = self.embedding(species)
-        chunk = self.edge_chunk()
+        chunk = 0
+        if not torch.jit.is_scripting():
+            chunk = self.edge_chunk()
         for layer in self.layers:
             h = layer(h, onehot, sh, rbf, fcut, edge_index, chunk)
         n = h.shape[0]
         f0, f1, f2 = self.num_scalars, self.num_vectors, self.num_tensors
         scalars = h[:, :f0]
-        vectors = h[:, f0:f0 + 3 * f1].reshape(n, f1, 3) if f1 else None
-        tensors = h[:, f0 + 3 * f1:].reshape(n, f2, 5) if f2 else None
+        vectors: torch.Tensor | None = None
+        tensors: torch.Tensor | None = None
+        if f1 > 0:
+            vectors = h[:, f0:f0 + 3 * f1].reshape(n, f1, 3)
+        if f2 > 0:
+            tensors = h[:, f0 + 3 * f1:].reshape(n, f2, 5)
         return BackboneOutput(scalars=scalars, vectors=vectors, tensors=tensors,
                               atomic_energy=self.readout(scalars).squeeze(-1))

@@ -23,16 +23,18 @@ The engine's full, strict neighbour list is used as is (no second neighbour sear
 selected atoms while every atom still acts as a neighbour.
 
 Single models and ensembles (plain and heteroskedastic; ``energy_uncertainty``: the spread of
-the members' atomic energies) with the PaiNN or AlphaNet-style backbone export today; the e3nn
-tensor-product backbone is refused with one line (docs/engines.md says what is left).
+the members' atomic energies) export with every built-in backbone and head (the tensor-product
+backbone through e3nn's own compiler, :meth:`~e2ip.backbones.base.Backbone.for_torchscript`); a
+model that does not compile is refused with one line.
 Needs the optional ``metatomic-torch`` package (``pip install e2ip[metatomic]``).
 """
 
 import math
 
 import torch
+from torch import nn
 
-from e2ip.errors import ModelError
+from e2ip.errors import ModelError, first_line
 from e2ip.integrations.scripted import ScriptedEnsemble, ScriptedPotential
 from e2ip.models.ensemble import Ensemble
 from e2ip.models.potential import Potential
@@ -45,18 +47,21 @@ UNCERTAINTY_OUTPUTS = {
     "e2ip::forces_covariance_6": ("predictive covariance as xx, yy, zz, xy, xz, yz", ""),
     "e2ip::forces_epistemic": ("epistemic covariance of the force, (N, 3, 3)", ""),
 }
-SCRIPTABLE_BACKBONES = ("painn", "alphanet")
 
 
 def _check_exportable(model: Potential) -> None:
-    singles = model.fine_tuning_members() or []
-    if not isinstance(model, (PotentialModel, Ensemble)) or not singles:
+    if not isinstance(model, (PotentialModel, Ensemble)):
         raise ModelError(f"{model.label()}: this model kind does not export to metatomic")
-    for single in singles:
-        if single.backbone_name not in SCRIPTABLE_BACKBONES:
-            raise ModelError(f"{model.label()}: the {single.backbone_name!r} backbone does not "
-                             "compile with TorchScript yet; export works for "
-                             f"{', '.join(SCRIPTABLE_BACKBONES)}")
+
+
+def _scriptable(core: nn.Module, label: str) -> None:
+    """A one-line ModelError when `core` does not compile with TorchScript (a backbone or head
+    registered from outside e2ip, say), instead of TorchScript's many-line report."""
+    try:
+        torch.jit.script(core)
+    except Exception as exc:  # noqa: BLE001 - TorchScript's errors come in several types
+        raise ModelError(f"{label}: does not compile with TorchScript, so it cannot be "
+                         f"exported ({first_line(exc, 160)})") from None
 
 
 def to_metatomic(model: Potential, form: str | None = None, name: str = "e2ip model"):
@@ -71,6 +76,7 @@ def to_metatomic(model: Potential, form: str | None = None, name: str = "e2ip mo
     model = model.eval()
     core = (ScriptedEnsemble(model, form) if isinstance(model, Ensemble)
             else ScriptedPotential(model, form))
+    _scriptable(core, model.label())
     from e2ip.integrations.metatomic_interface import MetatomicPotential
 
     interface = MetatomicPotential(core, model.cutoff)

@@ -17,7 +17,7 @@ class ScriptedPotential(nn.Module):
 
     def __init__(self, model: PotentialModel, form: str):
         super().__init__()
-        self.backbone = model.backbone
+        self.backbone = model.backbone.for_torchscript()
         self.head = model.head
         self.register_buffer("reference_energies", model.reference_energies.detach().clone())
         self.register_buffer("species_lookup", model.species_lookup.detach().clone())

@@ -13,7 +13,7 @@ from ase import Atoms
 
 from e2ip.errors import ModelError
 from e2ip.integrations.ase_calculator import E2IPCalculator
-from e2ip.models import Ensemble
+from e2ip.models import Ensemble, PotentialModel
 from e2ip.testing.model_suite import MOLECULE, random_molecule, random_periodic, small_model
 
 metatomic_ase = pytest.importorskip("metatomic_ase")
@@ -145,13 +145,36 @@ def test_exported_ensembles_match_the_eager_calculator(tmp_path, head, calibrate
         np.testing.assert_allclose(spread, members.std(0), rtol=1e-9, atol=1e-12)
 
 
-def test_kinds_that_do_not_export_are_refused_with_one_line():
-    with pytest.raises(ModelError, match="does not compile with TorchScript yet") as info:
-        to_metatomic(small_model("tensor_product", "e2ip"))
-    assert "\n" not in str(info.value)
-    members = [small_model("tensor_product", "none", seed=k) for k in range(2)]
-    with pytest.raises(ModelError, match="does not compile with TorchScript yet"):
-        to_metatomic(Ensemble(members))
+def test_a_model_that_does_not_compile_is_refused_with_one_line():
+    from e2ip.backbones import BACKBONES, PaiNN, register_backbone
+
+    @register_backbone
+    class Uncompilable(PaiNN):  # a user's backbone that TorchScript cannot compile
+        name = "uncompilable_test_backbone"
+
+        def forward(self, species, edge_index, edge_vectors, batch, num_graphs, **options):
+            return super().forward(species, edge_index, edge_vectors, batch, num_graphs)
+
+    try:
+        model = PotentialModel(elements=[1, 6, 8], cutoff=4.0, backbone=Uncompilable.name,
+                               backbone_options={"num_features": 8, "num_layers": 1})
+        with pytest.raises(ModelError, match="does not compile with TorchScript") as info:
+            to_metatomic(model)
+        assert "\n" not in str(info.value)
+    finally:
+        BACKBONES.pop(Uncompilable.name)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-10), (torch.float32, 2e-5)],
+                         ids=["float64", "float32"])
+def test_the_tensor_product_backbone_exports_through_e3nn_compile(tmp_path, dtype, rtol):
+    model = _model("tensor_product", "e2ip", dtype)
+    calc = _exported(model, tmp_path)
+    for structure in (random_molecule(7, seed=4), random_periodic(5, seed=6)):
+        _compare(model, calc, _atoms(structure), rtol)
+    ensemble = Ensemble([small_model("tensor_product", "none", seed=k) for k in range(2)])
+    _compare(ensemble, _exported(ensemble, tmp_path, "ensemble.pt"),
+             _atoms(random_periodic(4, seed=2)), 1e-10)
 
 
 def test_cli_export_writes_a_file_metatomic_loads(tmp_path, capsys):

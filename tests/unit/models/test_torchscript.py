@@ -12,8 +12,6 @@ from e2ip.data.graph import graph_from_structures
 from e2ip.heads import HEADS
 from e2ip.testing.model_suite import MOLECULE, random_periodic, small_model
 
-#: backbones that do not compile yet, with the reason
-NOT_YET = {"tensor_product": "e3nn's Gate/Activation need e3nn.util.jit (the engines issue)"}
 BACKBONES = ["alphanet", "painn", "tensor_product"]
 
 
@@ -27,12 +25,10 @@ def _inputs(model, structures):
 @pytest.mark.parametrize("head", sorted(HEADS))
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_scripted_backbone_and_head_match_eager(backbone, head):
-    if backbone in NOT_YET:
-        pytest.skip(NOT_YET[backbone])
     model = small_model(backbone, head)
     if head == "e2ip":  # the feature-distance branch too: fit it on a few structures
         model.fit_training_statistics([MOLECULE, random_periodic(4, seed=3)])
-    scripted_backbone = torch.jit.script(model.backbone)
+    scripted_backbone = torch.jit.script(model.backbone.for_torchscript())
     scripted_head = torch.jit.script(model.head)
     graph, species, positions = _inputs(model, [MOLECULE, random_periodic(4, seed=3)])
 
