@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench_cost import timed  # the same timing as the cost benchmark (script folder on the path)
 
 from e2ip.data.graph import graph_from_structures
 from e2ip.data.read import read_structures
@@ -28,21 +27,6 @@ from e2ip.integrations.metatomic import to_metatomic
 from e2ip.models import Ensemble, PotentialModel
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/rmd17/rmd17_aspirin_test_01.npz"
-
-
-def timed(fn, device, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def build(kind: str) -> torch.nn.Module:
