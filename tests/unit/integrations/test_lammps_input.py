@@ -16,7 +16,8 @@ from tests.support import REPO
 INPUT = REPO / "examples/lammps/in.e2ip"
 #: the LAMMPS commands the example may use (all in LAMMPS's command list)
 COMMANDS = {"units", "boundary", "atom_style", "read_data", "mass", "pair_style", "pair_coeff",
-            "timestep", "velocity", "fix", "thermo_style", "thermo", "dump", "run"}
+            "timestep", "velocity", "fix", "thermo_style", "thermo", "dump", "run", "compute",
+            "variable"}
 
 
 def commands() -> list[list[str]]:
@@ -60,3 +61,13 @@ def test_pair_coeff_maps_every_type_to_an_element_the_exported_model_knows(tmp_p
     assert set(numbers) <= set(capabilities.atomic_types)
     assert capabilities.length_unit == "angstrom"
     assert capabilities.outputs["energy"].unit == "eV"
+    # every `compute metatomic` names an output the file declares, with the same type map
+    computes = [words for words in parsed if words[0] == "compute" and words[3] == "metatomic"]
+    assert computes
+    for words in computes:
+        assert words[5] in capabilities.outputs, words[5]
+        types = words[words.index("types") + 1:words.index("unit")]
+        assert [int(z) for z in types] == numbers
+    # the halt threshold watches the reduced uncertainty
+    halt = next(words for words in parsed if words[0] == "fix" and words[3] == "halt")
+    assert halt[5:7] == ["v_unc_max", ">"] and float(halt[7]) > 0
