@@ -1,4 +1,4 @@
-"""Regenerate docs/configuration.md from the code (tests/test_docs.py checks it is current)."""
+"""Regenerate docs/configuration.md from the code (tests/integration/test_docs.py checks it is current)."""
 
 from pathlib import Path
 
