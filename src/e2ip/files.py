@@ -26,5 +26,8 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """torch.save `obj` to `path` atomically (creates the folder)."""
     path = Path(path)
     tmp = _temporary(path)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:  # a failed write leaves no temporary file behind
+        tmp.unlink(missing_ok=True)

@@ -39,7 +39,7 @@ class E2IPDriver(ASEDriver):
 
     def __init__(self, template, model, device="cpu", form=None, *args, **kwargs):
         self.model_path, self.device, self.form = model, device, form
-        kwargs.setdefault("has_stress", bool(read(template).pbc.any()))
+        kwargs.setdefault("has_stress", bool(read(template).pbc.all()))  # as E2IPCalculator
         super().__init__(template, *args, **kwargs)
 
     def check_parameters(self):

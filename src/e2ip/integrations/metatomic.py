@@ -43,9 +43,12 @@ from e2ip.models.single import PotentialModel
 #: per-atom outputs beside the energy: name -> (description, unit)
 UNCERTAINTY_OUTPUTS = {
     "e2ip::forces_uncertainty": ("sqrt(tr U_epi / 3), the scalar force uncertainty", "eV/Angstrom"),
-    "e2ip::forces_covariance": ("predictive covariance of the force, (N, 3, 3)", ""),
-    "e2ip::forces_covariance_6": ("predictive covariance as xx, yy, zz, xy, xz, yz", ""),
-    "e2ip::forces_epistemic": ("epistemic covariance of the force, (N, 3, 3)", ""),
+    "e2ip::forces_covariance": ("predictive covariance of the force, (N, 3, 3)",
+                                "(eV/Angstrom)^2"),
+    "e2ip::forces_covariance_6": ("predictive covariance as xx, yy, zz, xy, xz, yz",
+                                  "(eV/Angstrom)^2"),
+    "e2ip::forces_epistemic": ("epistemic covariance of the force, (N, 3, 3)",
+                               "(eV/Angstrom)^2"),
 }
 
 
@@ -88,7 +91,8 @@ def to_metatomic(model: Potential, form: str | None = None, name: str = "e2ip mo
                                        description=f"{text} ({form} form)")
     if isinstance(model, Ensemble):
         outputs["energy_uncertainty"] = ModelOutput(
-            unit="eV", sample_kind="atom", description="spread (std) of the members' energies")
+            unit="eV", sample_kind="atom",
+            description="spread (std) of the members' energies, per atom or per system")
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     capabilities = ModelCapabilities(
         outputs=outputs, atomic_types=list(model.elements),

@@ -46,51 +46,63 @@ class MetatomicPotential(nn.Module):
             batch.append(torch.full((n,), k, dtype=torch.long, device=device))
             atom_index.append(torch.arange(n, dtype=torch.long, device=device))
             offset += n
-        atomic, covariances = self.core(torch.cat(numbers), torch.cat(edge_index, dim=1),
-                                        torch.cat(edge_vectors), torch.cat(batch),
-                                        len(systems))
+        # the uncertainty only when asked for: an exported ensemble pays one autograd pass per
+        # member for it
+        with_uncertainty = False
+        for name in outputs.keys():
+            if name != "energy":
+                with_uncertainty = True
+        atomic, extras = self.core(torch.cat(numbers), torch.cat(edge_index, dim=1),
+                                   torch.cat(edge_vectors), torch.cat(batch), len(systems),
+                                   with_uncertainty)
         system_of = torch.cat(batch)
         atom_of = torch.cat(atom_index)
-        keep = torch.ones_like(system_of, dtype=torch.bool)
+        # the atoms reported, in the order asked for (all of them, system by system, by default)
+        rows = torch.arange(system_of.shape[0], dtype=torch.long, device=device)
         if selected_atoms is not None:
             starts = torch.zeros(len(systems) + 1, dtype=torch.long, device=device)
             starts[1:] = torch.bincount(system_of, minlength=len(systems)).cumsum(0)
             chosen = selected_atoms.values.to(torch.long)
-            keep = torch.zeros_like(keep)
-            keep[starts[chosen[:, 0]] + chosen[:, 1]] = True
+            rows = starts[chosen[:, 0]] + chosen[:, 1]
         atom_samples = Labels(["system", "atom"],
-                              torch.stack([system_of[keep], atom_of[keep]], dim=1)
+                              torch.stack([system_of[rows], atom_of[rows]], dim=1)
                               .to(torch.int32))
+        system_samples = Labels(["system"], torch.arange(
+            len(systems), dtype=torch.int32, device=device).unsqueeze(1))
+        energy_property = Labels(["energy"], torch.zeros(1, 1, dtype=torch.int32, device=device))
         results: dict[str, TensorMap] = {}
         single = Labels(["_"], torch.zeros(1, 1, dtype=torch.int32, device=device))
         for name, request in outputs.items():
             if name == "energy_uncertainty":
-                spread = covariances["atomic_energy_std"][keep].unsqueeze(-1)
-                block = TensorBlock(values=spread, samples=atom_samples,
-                                    components=_no_components(),
-                                    properties=Labels(["energy"], torch.zeros(
-                                        1, 1, dtype=torch.int32, device=device)))
+                # spread of the members' energies: per atom, or of each system's total over the
+                # reported atoms
+                members = extras["member_atomic_energies"][:, rows]  # (M, n)
+                if request.sample_kind == "atom":
+                    block = TensorBlock(values=members.std(0, unbiased=False).unsqueeze(-1),
+                                        samples=atom_samples, components=_no_components(),
+                                        properties=energy_property)
+                else:
+                    totals = torch.zeros(members.shape[0], len(systems), dtype=members.dtype,
+                                         device=device).index_add(1, system_of[rows], members)
+                    block = TensorBlock(values=totals.std(0, unbiased=False).unsqueeze(-1),
+                                        samples=system_samples, components=_no_components(),
+                                        properties=energy_property)
                 results[name] = TensorMap(single, [block])
                 continue
             if name == "energy":
-                energies = atomic[keep].unsqueeze(-1)
-                properties = Labels(["energy"], torch.zeros(1, 1, dtype=torch.int32,
-                                                             device=device))
+                energies = atomic[rows].unsqueeze(-1)
                 if request.sample_kind == "atom":
                     block = TensorBlock(values=energies, samples=atom_samples,
-                                        components=_no_components(), properties=properties)
+                                        components=_no_components(), properties=energy_property)
                 else:
                     total = torch.zeros(len(systems), 1, dtype=atomic.dtype, device=device)
-                    total = total.index_add(0, system_of[keep], energies)
-                    block = TensorBlock(
-                        values=total,
-                        samples=Labels(["system"], torch.arange(
-                            len(systems), dtype=torch.int32, device=device).unsqueeze(1)),
-                        components=_no_components(), properties=properties)
+                    total = total.index_add(0, system_of[rows], energies)
+                    block = TensorBlock(values=total, samples=system_samples,
+                                        components=_no_components(), properties=energy_property)
                 results[name] = TensorMap(single, [block])
                 continue
-            predictive = covariances["predictive"][keep]
-            epistemic = covariances["epistemic"][keep]
+            predictive = extras["predictive"][rows]
+            epistemic = extras["epistemic"][rows]
             xyz_1 = Labels(["xyz_1"], torch.arange(3, dtype=torch.int32,
                                                     device=device).unsqueeze(1))
             xyz_2 = Labels(["xyz_2"], torch.arange(3, dtype=torch.int32,
@@ -99,7 +111,8 @@ class MetatomicPotential(nn.Module):
             if name == "e2ip::forces_uncertainty":
                 trace = epistemic.diagonal(dim1=-2, dim2=-1).sum(-1)
                 block = TensorBlock(values=torch.sqrt(trace / 3.0).unsqueeze(-1),
-                                    samples=atom_samples, components=_no_components(), properties=one)
+                                    samples=atom_samples, components=_no_components(),
+                                    properties=one)
             elif name == "e2ip::forces_covariance":
                 block = TensorBlock(values=predictive.unsqueeze(-1), samples=atom_samples,
                                     components=[xyz_1, xyz_2], properties=one)
@@ -111,9 +124,8 @@ class MetatomicPotential(nn.Module):
                                     predictive[:, 2, 2], predictive[:, 0, 1],
                                     predictive[:, 0, 2], predictive[:, 1, 2]], dim=1)
                 block = TensorBlock(
-                    values=flat, samples=atom_samples, components=[],
+                    values=flat, samples=atom_samples, components=_no_components(),
                     properties=Labels(["component"], torch.arange(
                         6, dtype=torch.int32, device=device).unsqueeze(1)))
             results[name] = TensorMap(single, [block])
         return results
-

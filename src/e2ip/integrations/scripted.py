@@ -30,14 +30,14 @@ class ScriptedPotential(nn.Module):
                                  if calibrated and model.head.scales_epistemic else 1.0)
 
     def forward(self, numbers: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor,
-                batch: torch.Tensor,
-                num_graphs: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                batch: torch.Tensor, num_graphs: int,
+                with_uncertainty: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         species = self.species_lookup[numbers]
         features = self.backbone(species, edge_index, edge_vectors, batch, num_graphs)
         atomic = atomic_energies(features.atomic_energy, self.energy_scale,
                                  self.reference_energies, species)
         covariances: dict[str, torch.Tensor] = {}
-        if self.has_uncertainty:
+        if self.has_uncertainty and with_uncertainty:
             params = self.head(features)
             if self.epistemic_factor != 1.0:
                 params = self.head.scale_epistemic(params, self.epistemic_factor)
@@ -51,7 +51,8 @@ class ScriptedEnsemble(nn.Module):
     covariance of the members' forces (from their own autograd pass, the engine's graph kept);
     the aleatoric part as in :meth:`e2ip.models.ensemble.Ensemble.covariances` (the floor of
     `form`, or for a heteroskedastic ensemble the members' mean covariance times its scale);
-    and the spread of the members' atomic energies (``atomic_energy_std``, eV)."""
+    and the members' atomic energies (``member_atomic_energies``, (M, N) eV) for the energy's
+    spread. With ``with_uncertainty=False`` the mean energy alone (no member forces)."""
 
     def __init__(self, ensemble: Ensemble, form: str):
         super().__init__()
@@ -65,8 +66,15 @@ class ScriptedEnsemble(nn.Module):
             self.floor, self.scale = float(ensemble.floor(form)), 1.0
 
     def forward(self, numbers: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor,
-                batch: torch.Tensor,
-                num_graphs: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                batch: torch.Tensor, num_graphs: int,
+                with_uncertainty: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not with_uncertainty:  # the mean energy alone: no member forces
+            atomic_list: list[torch.Tensor] = []
+            for member in self.members:
+                atomic, _ = member(numbers, edge_index, edge_vectors, batch, num_graphs, False)
+                atomic_list.append(atomic)
+            no_extras: dict[str, torch.Tensor] = {}
+            return torch.stack(atomic_list).mean(0), no_extras
         n = numbers.shape[0]
         centers, neighbors = edge_index[0], edge_index[1]
         atomic_list: list[torch.Tensor] = []
@@ -80,7 +88,7 @@ class ScriptedEnsemble(nn.Module):
         if not vectors.requires_grad:  # the engine wants no forces: a leaf of our own
             vectors = edge_vectors.detach().requires_grad_(True)
         for member in self.members:
-            atomic, covariances = member(numbers, edge_index, vectors, batch, num_graphs)
+            atomic, covariances = member(numbers, edge_index, vectors, batch, num_graphs, True)
             grads = torch.autograd.grad([atomic.sum()], [vectors], retain_graph=True)
             grad = grads[0]
             assert grad is not None
@@ -103,5 +111,5 @@ class ScriptedEnsemble(nn.Module):
             aleatoric = (self.floor * eye).expand_as(epistemic).clone()
         covariances = {"epistemic": epistemic, "aleatoric": aleatoric,
                        "predictive": epistemic + aleatoric,
-                       "atomic_energy_std": atomics.detach().std(0, unbiased=False)}
+                       "member_atomic_energies": atomics.detach()}
         return atomics.mean(0), covariances

@@ -210,8 +210,10 @@ def model_payload(model: nn.Module) -> dict:
 
 
 def save_model(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write `model`'s file atomically (temporary file + rename)."""
-    atomic_torch_save(model_payload(model), path)
+    """Write `model`'s file atomically (temporary file + rename); an existing folder gets its
+    ``model.pt``, as :func:`load_model` reads it."""
+    path = Path(path)
+    atomic_torch_save(model_payload(model), path / MODEL_FILE_NAME if path.is_dir() else path)
 
 
 def model_from_payload(payload: dict, source: str = "model file") -> nn.Module:

@@ -73,3 +73,25 @@ def test_ipi_md_writes_the_force_uncertainty(tmp_path):
     expected = atoms.calc.get_property("forces_uncertainty", atoms)
     np.testing.assert_allclose(np.ravel(values[0]), expected, rtol=1e-5)
     assert np.isfinite(np.array(values)).all()
+
+
+def test_the_driver_serves_slabs_without_stress(tmp_path):
+    """A template periodic in two directions only: the calculator gives no stress there, so the
+    driver answers with a zero virial instead of failing."""
+    from ase.io import write
+    from ipi.utils.units import unit_to_internal
+
+    from e2ip.integrations.ipi_driver import E2IPDriver
+
+    model = small_model("painn", "e2ip")
+    model.save(tmp_path / "model.pt")
+    slab = Atoms(numbers=MOLECULE.numbers, positions=MOLECULE.positions + 2.0,
+                 cell=[8.0, 8.0, 30.0], pbc=[True, True, False])
+    write(tmp_path / "slab.xyz", slab)
+    driver = E2IPDriver(str(tmp_path / "slab.xyz"), str(tmp_path / "model.pt"))
+    assert "stress" not in driver.capabilities
+    energy, forces, virial, extras = driver.compute_structure(
+        unit_to_internal("length", "angstrom", slab.cell[:].T),
+        unit_to_internal("length", "angstrom", slab.positions))
+    assert np.isfinite(energy) and forces.shape == (len(slab), 3)
+    assert not virial.any() and "forces_uncertainty" in extras

@@ -101,7 +101,7 @@ def test_selected_atoms_limit_the_outputs_and_the_energy(tmp_path):
     model = _model("painn", "e2ip", torch.float64)
     calc = _exported(model, tmp_path)
     systems = [_atoms(random_molecule(6, seed=8)), _atoms(random_periodic(4, seed=9))]
-    selected = mta_labels([[0, 1], [0, 4], [1, 2]])
+    selected = mta_labels([[0, 4], [1, 2], [0, 1]])  # reported in this order
     outputs = {"energy": mta.ModelOutput(sample_kind="system"),
                "e2ip::forces_covariance": mta.ModelOutput(sample_kind="atom")}
     got = calc.run_model(systems, outputs, selected_atoms=selected)
@@ -114,10 +114,28 @@ def test_selected_atoms_limit_the_outputs_and_the_energy(tmp_path):
     energy = got["energy"].block().values.detach().numpy()[:, 0]
     np.testing.assert_allclose(energy, [atomic[0][1] + atomic[0][4], atomic[1][2]], rtol=1e-10)
     block = got["e2ip::forces_covariance"].block()
-    assert block.samples.values.tolist() == [[0, 1], [0, 4], [1, 2]]
-    expected = np.stack([per_atom[0]["predictive"][1], per_atom[0]["predictive"][4],
-                         per_atom[1]["predictive"][2]])
+    assert block.samples.values.tolist() == [[0, 4], [1, 2], [0, 1]]
+    expected = np.stack([per_atom[0]["predictive"][4], per_atom[1]["predictive"][2],
+                         per_atom[0]["predictive"][1]])
     np.testing.assert_allclose(block.values.detach().numpy()[..., 0], expected, rtol=1e-10)
+
+
+def test_uncertainties_convert_to_the_units_an_engine_asks_for(tmp_path):
+    model = _model("painn", "e2ip", torch.float64)
+    calc = _exported(model, tmp_path)
+    atoms = _atoms(random_molecule(6, seed=12))
+    kcal = mta.unit_conversion_factor("eV", "kcal/mol")
+
+    def values(name, unit):
+        out = calc.run_model(atoms, {name: mta.ModelOutput(unit=unit, sample_kind="atom")})
+        return out[name].block().values.detach().numpy()
+
+    ev_cov = values("e2ip::forces_covariance", "(eV/Angstrom)^2")
+    np.testing.assert_allclose(values("e2ip::forces_covariance", "(kcal/mol/Angstrom)^2"),
+                               ev_cov * kcal**2, rtol=1e-12)
+    np.testing.assert_allclose(values("e2ip::forces_uncertainty", "kcal/mol/Angstrom"),
+                               values("e2ip::forces_uncertainty", "eV/Angstrom") * kcal,
+                               rtol=1e-12)
 
 
 def mta_labels(rows):
@@ -143,6 +161,15 @@ def test_exported_ensembles_match_the_eager_calculator(tmp_path, head, calibrate
         members = np.stack([E2IPCalculator(m).get_property("energies", atoms)
                             for m in ensemble.members])
         np.testing.assert_allclose(spread, members.std(0), rtol=1e-9, atol=1e-12)
+        total = calc.run_model(atoms, {"energy_uncertainty": mta.ModelOutput(
+            sample_kind="system")})["energy_uncertainty"].block().values.detach().numpy()
+        np.testing.assert_allclose(total[:, 0], [members.sum(1).std()], rtol=1e-9)
+        # the energy alone needs no member forces: it runs without autograd too
+        with torch.no_grad():
+            energy = calc.run_model(atoms, {"energy": mta.ModelOutput(sample_kind="system")})
+        np.testing.assert_allclose(energy["energy"].block().values.numpy()[0, 0],
+                                   E2IPCalculator(ensemble).get_property("energy", atoms),
+                                   rtol=1e-10)
 
 
 def test_a_model_that_does_not_compile_is_refused_with_one_line():

@@ -105,7 +105,8 @@ def test_a_newer_format_is_refused_with_one_line(tmp_path):
 def test_a_run_folder_loads_its_model_file(tmp_path):
     (tmp_path / "run").mkdir()
     model = load_model(FILES / f"e2ip_painn_v{MODEL_VERSION}.pt")
-    model.save(tmp_path / "run" / "model.pt")
+    model.save(tmp_path / "run")  # a folder gets its model.pt
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["model.pt"]
     assert load_model(tmp_path / "run").spec() == model.spec()
     with pytest.raises(ModelError, match="is a directory without a model.pt"):
         load_model(tmp_path)
