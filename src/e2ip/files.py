@@ -4,6 +4,7 @@ crash never leaves a truncated or half-written file under the real name."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,20 +15,23 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` atomically (creates the folder)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """Run `write(temporary_path)`, then rename the file into `path` (creates the folder); a
+    failed write leaves no temporary file behind."""
     path = Path(path)
     tmp = _temporary(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` atomically (creates the folder)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """torch.save `obj` to `path` atomically (creates the folder)."""
-    path = Path(path)
-    tmp = _temporary(path)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:  # a failed write leaves no temporary file behind
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))

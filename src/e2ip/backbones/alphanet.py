@@ -253,9 +253,7 @@ class AlphaNetBackbone(Backbone):
 
         s = self.embedding(species)
         embedded = self.init_embedding(species)
-        chunk = 0
-        if not torch.jit.is_scripting():
-            chunk = self.edge_chunk()
+        chunk = self.edge_chunk()
         if chunk > 0 and i.shape[0] > chunk and not torch.jit.is_scripting():
             v = self._chunked_initial_vectors(embedded, i, j, frame, rbf, fcut, chunk)
         else:

@@ -53,8 +53,11 @@ class Backbone(Configurable, nn.Module, ABC):
 
     def edge_chunk(self) -> int:
         """The chunk size to use now: never while training (the double backward of a training
-        step keeps its graph, and training batches are small)."""
-        return 0 if self.training else int(self.edge_chunk_size)
+        step keeps its graph, and training batches are small), nor in TorchScript (chunking
+        takes a Python function, so the compiled path sums over all edges at once)."""
+        if torch.jit.is_scripting() or self.training:
+            return 0
+        return int(self.edge_chunk_size)
 
     def __init__(self, num_species: int, cutoff: float, hparams):
         super().__init__()

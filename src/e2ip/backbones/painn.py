@@ -106,9 +106,7 @@ class PaiNN(Backbone):
         s = self.embedding(species)
         v = s.new_zeros(s.shape[0], 3, s.shape[1])
         norm = self.avg_num_neighbors
-        chunk = 0
-        if not torch.jit.is_scripting():
-            chunk = self.edge_chunk()
+        chunk = self.edge_chunk()
         for message, update in zip(self.messages, self.updates):
             s, v = message(s, v, edge_index, unit, rbf, fcut, norm, chunk)
             s, v = update(s, v)

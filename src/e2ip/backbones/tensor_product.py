@@ -250,9 +250,7 @@ class TensorProductBackbone(Backbone):
         fcut = polynomial_cutoff(r, self.cutoff, self.cutoff_p)
         onehot = nn.functional.one_hot(species, self.num_species).to(edge_vectors.dtype)
         h = self.embedding(species)
-        chunk = 0
-        if not torch.jit.is_scripting():
-            chunk = self.edge_chunk()
+        chunk = self.edge_chunk()
         for layer in self.layers:
             h = layer(h, onehot, sh, rbf, fcut, edge_index, chunk)
         n = h.shape[0]

@@ -3,10 +3,10 @@ ASE, i-PI, ...), with per-atom force covariances (docs/engines.md)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from e2ip.errors import ConfigError
+from e2ip.files import atomic_write
 
 NAME = "export"
 FORMATS = ("metatomic",)
@@ -37,13 +37,7 @@ def run(args) -> int:
     model = load_model(args.model)
     exported = to_metatomic(model, form=args.form)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        exported.save(str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(out, lambda tmp: exported.save(str(tmp)))
     outputs = ["energy"] + (list(UNCERTAINTY_OUTPUTS) if model.has_uncertainty else [])
     print(f"{model.label()} exported to {out} (metatomic; outputs: {', '.join(outputs)})")
     return 0

@@ -72,6 +72,8 @@ class MetatomicPotential(nn.Module):
         energy_property = Labels(["energy"], torch.zeros(1, 1, dtype=torch.int32, device=device))
         results: dict[str, TensorMap] = {}
         single = Labels(["_"], torch.zeros(1, 1, dtype=torch.int32, device=device))
+        xyz = torch.arange(3, dtype=torch.int32, device=device).unsqueeze(1)
+        xyz_1, xyz_2 = Labels(["xyz_1"], xyz), Labels(["xyz_2"], xyz)
         for name, request in outputs.items():
             if name == "energy_uncertainty":
                 # spread of the members' energies: per atom, or of each system's total over the
@@ -103,22 +105,17 @@ class MetatomicPotential(nn.Module):
                 continue
             predictive = extras["predictive"][rows]
             epistemic = extras["epistemic"][rows]
-            xyz_1 = Labels(["xyz_1"], torch.arange(3, dtype=torch.int32,
-                                                    device=device).unsqueeze(1))
-            xyz_2 = Labels(["xyz_2"], torch.arange(3, dtype=torch.int32,
-                                                    device=device).unsqueeze(1))
-            one = Labels(["_"], torch.zeros(1, 1, dtype=torch.int32, device=device))
             if name == "e2ip::forces_uncertainty":
                 trace = epistemic.diagonal(dim1=-2, dim2=-1).sum(-1)
                 block = TensorBlock(values=torch.sqrt(trace / 3.0).unsqueeze(-1),
                                     samples=atom_samples, components=_no_components(),
-                                    properties=one)
+                                    properties=single)
             elif name == "e2ip::forces_covariance":
                 block = TensorBlock(values=predictive.unsqueeze(-1), samples=atom_samples,
-                                    components=[xyz_1, xyz_2], properties=one)
+                                    components=[xyz_1, xyz_2], properties=single)
             elif name == "e2ip::forces_epistemic":
                 block = TensorBlock(values=epistemic.unsqueeze(-1), samples=atom_samples,
-                                    components=[xyz_1, xyz_2], properties=one)
+                                    components=[xyz_1, xyz_2], properties=single)
             else:  # e2ip::forces_covariance_6
                 flat = torch.stack([predictive[:, 0, 0], predictive[:, 1, 1],
                                     predictive[:, 2, 2], predictive[:, 0, 1],

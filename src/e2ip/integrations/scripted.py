@@ -5,7 +5,7 @@ The export formats (:mod:`e2ip.integrations.metatomic`) wrap these."""
 import torch
 from torch import nn
 
-from e2ip.models.ensemble import Ensemble
+from e2ip.models.ensemble import Ensemble, member_spread
 from e2ip.models.single import PotentialModel, atomic_energies
 
 
@@ -23,11 +23,8 @@ class ScriptedPotential(nn.Module):
         self.register_buffer("species_lookup", model.species_lookup.detach().clone())
         self.energy_scale = float(model.energy_scale)
         self.has_uncertainty = bool(model.has_uncertainty)
-        calibrated = form == "cal"
-        # the form 'cal' of PotentialModel.covariances: epistemic part times t, all times s
-        self.variance_factor = float(model.variance_scale) if calibrated else 1.0
-        self.epistemic_factor = (float(model.epistemic_scale)
-                                 if calibrated and model.head.scales_epistemic else 1.0)
+        # the form's calibration, as PotentialModel.covariances applies it
+        self.epistemic_factor, self.variance_factor = model.form_factors(form)
 
     def forward(self, numbers: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor,
                 batch: torch.Tensor, num_graphs: int,
@@ -101,8 +98,7 @@ class ScriptedEnsemble(nn.Module):
                 aleatoric_list.append(covariances["predictive"].detach())
         atomics = torch.stack(atomic_list)
         member_forces = torch.stack(forces_list)
-        deviation = member_forces - member_forces.mean(0)
-        epistemic = torch.einsum("mni,mnj->nij", deviation, deviation) / len(forces_list)
+        epistemic = member_spread(member_forces)
         eye = torch.eye(3, dtype=epistemic.dtype, device=epistemic.device)
         if self.heteroskedastic:
             aleatoric = torch.stack(aleatoric_list).mean(0) + self.floor * eye

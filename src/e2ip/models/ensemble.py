@@ -42,6 +42,12 @@ from e2ip.stats.predictive import Gaussian, concatenate
 RAW_FLOOR = 1e-8  # (eV/Å)^2: the "eps I" of the raw ensemble
 
 
+def member_spread(member_forces: torch.Tensor) -> torch.Tensor:
+    """U_epi = 1/M sum_m (mu_m - mu)(mu_m - mu)^T from member forces (M, N, 3): (N, 3, 3)."""
+    deviation = member_forces - member_forces.mean(0)
+    return torch.einsum("mni,mnj->nij", deviation, deviation) / member_forces.shape[0]
+
+
 @register_kind
 class Ensemble(Potential):
     """M :class:`PotentialModel` members (typically head "none") with identical spec but seeds.
@@ -282,9 +288,7 @@ class Ensemble(Potential):
 
     @staticmethod
     def epistemic(member_forces: torch.Tensor) -> torch.Tensor:
-        """U_epi = 1/M sum_m (mu_m - mu)(mu_m - mu)^T from member forces (M, N, 3): (N, 3, 3)."""
-        dev = member_forces - member_forces.mean(0)
-        return torch.einsum("mni,mnj->nij", dev, dev) / member_forces.shape[0]
+        return member_spread(member_forces)
 
     def covariances(self, params, forces=None, form: str | None = None) -> dict[str, torch.Tensor]:
         """epistemic U_epi, aleatoric floor I (or the members' mean covariance, times the

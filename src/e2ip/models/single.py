@@ -261,15 +261,21 @@ class PotentialModel(Potential):
             out["epistemic_scale"] = float(self.epistemic_scale)
         return out
 
-    def _form_params(self, params, form: str | None) -> tuple[dict, float]:
-        """The head parameters of `form` and the factor on every covariance: in the form 'cal',
-        the epistemic part scaled by `epistemic_scale` (for heads that scale it) and the
-        variance scale."""
+    def form_factors(self, form: str | None) -> tuple[float, float]:
+        """(epistemic factor, variance factor) of `form`: 1, 1 in the form 'raw'; in the form
+        'cal' the epistemic scale (for heads that scale their epistemic part on their own, else
+        1) and the variance scale that multiplies every covariance."""
         if self.resolve_form(form) == "raw":
-            return params, 1.0
-        if self.head.scales_epistemic:
-            params = self.head.scale_epistemic(params, float(self.epistemic_scale))
-        return params, float(self.variance_scale)
+            return 1.0, 1.0
+        epistemic = float(self.epistemic_scale) if self.head.scales_epistemic else 1.0
+        return epistemic, float(self.variance_scale)
+
+    def _form_params(self, params, form: str | None) -> tuple[dict, float]:
+        """The head parameters of `form` and the factor on every covariance."""
+        epistemic, variance = self.form_factors(form)
+        if epistemic != 1.0:  # (dividing kappa by 1 changes nothing)
+            params = self.head.scale_epistemic(params, epistemic)
+        return params, variance
 
     def predictive(self, params, forces, form: str | None = None):
         """Per-atom predictive distribution (e2ip.stats.predictive), or None without uncertainty.
