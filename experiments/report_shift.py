@@ -18,27 +18,32 @@ from e2ip.data.read import read_structures
 from e2ip.evaluation.evaluate import collect, evaluate, time_per_atom_ms
 from e2ip.models.io import load_model
 from e2ip.models.single import PotentialModel
-from e2ip.stats.calibration import fit_variance_scale
 
-#: (row label, trained method, form, post-hoc variant, per-structure aggregate)
+#: (row label, trained method, post-hoc variant, whether its raw form is a row of its own); every
+#: row is evaluated in the form "cal" and, from the same pass, "raw"
 ROWS = [
-    ("e2IP (paper, cal)", "e2ip", "cal", None, "mean"),
-    ("e2IP (paper, raw)", "e2ip", "raw", None, "mean"),
-    ("e2IP-FD (ours, cal)", "e2ip", "cal", "feature_distance", "mean"),
-    ("e2IP-FD (ours, raw)", "e2ip", "raw", "feature_distance", "mean"),
-    ("e2IP-FD, one scale (ablation)", "e2ip", "cal", "feature_distance_one_scale", "mean"),
-    ("e2IP-FD (ours, cal), max aggregate", "e2ip", "cal", "feature_distance", "max"),
-    ("eIP (cal)", "eip", "cal", None, "mean"),
-    ("Ensemble x5 (cal)", "ensemble", "cal", None, "mean"),
-    ("Ensemble x5 (raw)", "ensemble", "raw", None, "mean"),
-    ("Ensemble x5 (cal), max aggregate", "ensemble", "cal", None, "max"),
+    ("e2IP (paper)", "e2ip", None, True),
+    ("e2IP-FD 0.2 (uncentred, pooled)", "e2ip", "fd_uncentred", True),
+    ("e2IP-FD (centred)", "e2ip", "fd_centred", True),
+    ("e2IP-FD (centred, per element)", "e2ip", "fd_per_element", True),
+    ("e2IP-FD (centred), calibrated on the r-tail", "e2ip", "fd_tail", False),
+    ("eIP", "eip", None, True),
+    ("Ensemble x5 (NLL)", "ensemble", None, True),
+    ("Ensemble x5 (paper floor)", "ensemble", "paper_floor", False),
+    ("Het. ensemble x5 (NLL)", "het_ensemble", None, True),
 ]
+#: the feature-distance variants: head options on top of `evidence: feature_distance`
+FD_VARIANTS = {"fd_uncentred": {"feature_centred": False, "feature_per_element": False},
+               "fd_centred": {"feature_centred": True, "feature_per_element": False},
+               "fd_per_element": {"feature_centred": True, "feature_per_element": True}}
+TAIL_FRACTION = 1 / 3  # fd_tail: calibrated on this fraction of validation frames with highest r
 KEYS = ["force_mae", "coverage_95", "calibration_error", "nll", "spearman",
-        "spearman_per_structure", "auc_worst10", "ause_per_structure", "auc_reference"]
+        "spearman_per_structure", "auc_worst10", "ause_per_structure", "auc_reference",
+        "above_threshold"]
 HEADERS = {"force_mae": "MAE (eV/Å)", "coverage_95": "Cov@95", "calibration_error": "CE",
            "nll": "NLL", "spearman": "ρ atom", "spearman_per_structure": "ρ struct",
            "auc_worst10": "AUC worst10", "ause_per_structure": "AUSE struct",
-           "auc_reference": "AUC shift"}
+           "auc_reference": "AUC shift", "above_threshold": "> threshold"}
 
 
 def test_sets(dataset: str, data) -> tuple[dict[str, list], str]:
@@ -57,6 +62,11 @@ def test_sets(dataset: str, data) -> tuple[dict[str, list], str]:
                 "low density (< 0.79 g/cm³)": read_structures(WATER_DATA / "low.extxyz"),
                 "high density (> 1.06 g/cm³)": read_structures(WATER_DATA / "high.extxyz"),
                 }, "in distribution (central densities, held out)"
+    if dataset == "si_zeo22":
+        d = DATA / "si_zeo22"
+        return {"in distribution (10 topologies, other frames)": list(data.test),
+                "6 new topologies": read_structures(d / "test_new_topologies.xyz"),
+                }, "in distribution (10 topologies, other frames)"
     d = DATA / "3bpa"
     seen = {np.round(s.positions, 5).tobytes() for s in read_structures(d / "train_300K.xyz")}
     mixed = [s for s in read_structures(d / "train_mixedT.xyz")
@@ -65,14 +75,45 @@ def test_sets(dataset: str, data) -> tuple[dict[str, list], str]:
             "mixed T (300/600/1200 K, unseen)": mixed}, "in distribution (300 K, held out)"
 
 
-def one_scale(fd, validation, batch_size: int = 32):
-    """The ablation: the feature-distance model with one variance scale only (epistemic scale
-    1), fitted by NLL on the validation set like the paper's e2IP."""
+def with_distance(e2ip_model, options: dict, data, batch_size: int):
+    """The trained e2IP weights with a feature-distance evidence of `options`, fitted on the
+    training set and calibrated on the validation set."""
+    spec = e2ip_model.spec()
+    spec["head_options"] = {**spec["head_options"], **options}
+    base = type(e2ip_model).from_spec(spec)
+    base.load_state_dict(e2ip_model.state_dict())
+    fd = base.with_feature_distance(data.train, batch_size)
+    fd.calibrate(data.validation, batch_size)
+    return fd
+
+
+def tail_calibrated(fd, validation, batch_size: int):
+    """A copy of `fd` calibrated on the TAIL_FRACTION of validation structures whose mean
+    feature distance r is highest (the candidate 'calibrate where the shift begins')."""
+    r = fd.predict(validation, batch_size=batch_size)["feature_distance"]
+    bounds = np.cumsum([0] + [s.n_atoms for s in validation])
+    mean_r = np.array([r[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:])])
+    keep = np.argsort(-mean_r)[:max(2, int(round(TAIL_FRACTION * len(validation))))]
     model = copy.deepcopy(fd)
-    model.epistemic_scale.fill_(1.0)
-    c = collect(model, validation, batch_size, forms=["raw"])
-    model.variance_scale.fill_(fit_variance_scale(c.forms["raw"].predictive, c.forces_ref))
+    model.calibrate([validation[k] for k in sorted(keep)], batch_size)
     return model
+
+
+def offset_ratio(fd, data, batch_size: int) -> float:
+    """|mu|^2 / tr(S) of the backbone's invariant features over the training atoms (mu, S their
+    mean and covariance): how much a common offset dominated the uncentred ridge of e2ip 0.2.
+    `fd`: the centred feature-distance model (its fitted centre is checked against mu)."""
+    feats = []
+    with torch.no_grad():
+        from e2ip.data.graph import GraphDataset
+        for g in GraphDataset(data.train, fd.cutoff).loader(batch_size, dtype=fd.dtype):
+            feats.append(fd.backbone(fd.species(g.numbers), g.edge_index,
+                                     g.edge_vectors(g.positions), g.batch,
+                                     g.num_graphs).scalars.double())
+    h = torch.cat(feats)
+    mu = h.mean(0)
+    assert torch.allclose(mu, fd.head.feature_distance.center[0], rtol=1e-6, atol=1e-8)
+    return float(mu.square().sum() / h.var(0, unbiased=False).sum())
 
 
 def kappa_diagnosis(model, structures) -> dict[str, float]:
@@ -86,23 +127,47 @@ def kappa_diagnosis(model, structures) -> dict[str, float]:
 
 
 def models_of(dataset: str, seed: int, data, batch_size: int = 32):
-    """{(method, variant): model} for the finished runs of one seed."""
+    """{(method, variant): model} for the finished runs of one seed, every one calibrated on
+    the validation set (ensembles recalibrated here, so runs trained before the NLL form
+    existed, or assembled from members trained elsewhere, are calibrated alike)."""
+    from e2ip.models.ensemble import Ensemble
+
     out = {}
-    for method in ("e2ip", "eip", "ensemble"):
-        path = run_dir(dataset, method, seed) / "model.pt"
-        if not path.exists():
+    for method in ("e2ip", "eip", "ensemble", "het_ensemble"):
+        folder = run_dir(dataset, method, seed)
+        path = folder / "model.pt"
+        if not path.exists() and (folder / "member_0" / "model.pt").exists():
+            members = sorted(folder.glob("member_*/model.pt"))
+            model = Ensemble([load_model(m) for m in members])  # members trained side by side
+        elif path.exists():
+            model = load_model(path)
+        else:
             continue
-        model = load_model(path)
+        if method.endswith("ensemble"):
+            model.calibration_form = "nll"
+            model.calibrate(data.validation, batch_size)
+            if method == "ensemble":
+                floor = copy.deepcopy(model)
+                floor.calibration_form = "paper_floor"
+                floor.calibrate(data.validation, batch_size)
+                out[(method, "paper_floor")] = floor
         out[(method, None)] = model
         if method == "e2ip":
-            fd = model.with_feature_distance(data.train, batch_size)
-            fd.calibrate(data.validation, batch_size)
-            out[(method, "feature_distance")] = fd
-            out[(method, "feature_distance_one_scale")] = one_scale(fd, data.validation,
-                                                                     batch_size)
+            for variant, options in FD_VARIANTS.items():
+                out[(method, variant)] = with_distance(model, options, data, batch_size)
+            out[(method, "fd_tail")] = tail_calibrated(out[(method, "fd_centred")],
+                                                       data.validation, batch_size)
     return out
 
 
+def above_threshold(model, arrays, structures) -> float | None:
+    """The fraction of structures whose largest per-atom forces_uncertainty (cal) passes the
+    model's stored stop_threshold."""
+    if model.stop_threshold is None:
+        return None
+    bounds = np.cumsum([0] + [s.n_atoms for s in structures])
+    top = np.array([arrays["sigma_epi"][a:b].max() for a, b in zip(bounds[:-1], bounds[1:])])
+    return float(np.mean(top > model.stop_threshold))
 
 
 def config(dataset: str) -> Path:
@@ -120,7 +185,7 @@ def timings(models: dict, structures: list) -> dict[str, float]:
     time_per_atom_ms(bare, structures)  # discarded: the process's first timing runs slow
     out = {"bare": time_per_atom_ms(bare, structures)}
     for (method, variant), model in models.items():
-        if variant != "feature_distance_one_scale":  # the same model as feature_distance
+        if variant != "fd_tail":  # the same model as fd_centred
             out[method + ("-" + variant if variant else "")] = time_per_atom_ms(model, structures)
     return out
 
@@ -134,29 +199,41 @@ def report(dataset: str, seeds: list[int], timing: bool = False) -> None:
                      "train_seconds": {}, "time_per_atom_ms": None,
                      "sets": {k: len(v) for k, v in sets.items()},
                      "machine": f"{platform.processor() or platform.machine()}, 1 torch thread"}
+    results["calibration"], results["offset_ratio"] = {}, []
     start = time.time()
     for seed in seeds:
         models = models_of(dataset, seed, data, batch)
         if ("e2ip", None) in models:
             results["kappa"].append(kappa_diagnosis(models[("e2ip", None)], sets[reference]))
-        for method in ("e2ip", "eip", "ensemble"):
+            results["offset_ratio"].append(offset_ratio(models[("e2ip", "fd_centred")], data,
+                                                        batch))
+        for method in ("e2ip", "eip", "ensemble", "het_ensemble"):
             results["train_seconds"].setdefault(method, []).append(
                 train_seconds(run_dir(dataset, method, seed)))
-        for label, method, form, variant, aggregate in ROWS:
+        for label, method, variant, raw_row in ROWS:
             model = models.get((method, variant))
             if model is None:
                 continue
-            row = results["rows"].setdefault(label, {})
+            results["calibration"].setdefault(label, []).append(model.calibration())
             for name, structures in sets.items():
                 labelled = structures[0].forces is not None
                 ref = sets[reference] if name != reference else None
-                if labelled:
-                    metrics, _ = evaluate(model, structures, form=form, reference=ref,
-                                          aggregate=aggregate, batch_size=batch)
-                else:  # shift detection only: the metrics need labels, auc_reference does not
-                    metrics = {"auc_reference": _auc_only(model, structures, ref, form,
-                                                           aggregate, batch)}
-                row.setdefault(name, []).append({k: metrics.get(k) for k in KEYS})
+                if not labelled:  # shift detection only: the metrics need labels, the AUC not
+                    for form in ("cal", "raw") if raw_row else ("cal",):
+                        auc = _auc_only(model, structures, ref, form, "mean", batch)
+                        results["rows"].setdefault(f"{label} ({form})", {}).setdefault(
+                            name, []).append({"auc_reference": auc})
+                    continue
+                metrics, arrays = evaluate(model, structures, form="cal", reference=ref,
+                                           batch_size=batch)
+                row = {k: metrics.get(k) for k in KEYS}
+                row["above_threshold"] = above_threshold(model, arrays, structures)
+                results["rows"].setdefault(f"{label} (cal)", {}).setdefault(name, []).append(row)
+                if raw_row:
+                    raw = {k: metrics["raw"].get(k) for k in KEYS if k in metrics["raw"]}
+                    raw["force_mae"] = metrics.get("force_mae")
+                    results["rows"].setdefault(f"{label} (raw)", {}).setdefault(
+                        name, []).append(raw)
         print(f"seed {seed}: {time.time() - start:.0f} s", flush=True)
         if timing and seed == seeds[0] and ("e2ip", None) in models:
             results["time_per_atom_ms"] = timings(models, sets[reference][:256])

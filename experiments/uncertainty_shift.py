@@ -16,7 +16,11 @@ Data sets (paths relative to the project root, under ../shared/data):
   frames it shares with train_300K.xyz; in distribution: the held-out 20 % of train_300K.xyz;
 - water: the boxes of water_cheng2019 whose density lies in the middle half (0.84-0.95 g/cm^3)
   -> in distribution: held-out central boxes; shifted: 50 boxes of the low-density tail
-  (< 0.79 g/cm^3) and 50 of the high-density tail (> 1.06 g/cm^3), 10 % of the set each.
+  (< 0.79 g/cm^3) and 50 of the high-density tail (> 1.06 g/cm^3), 10 % of the set each;
+- si_zeo22: train.xyz (10 zeolite topologies) -> in distribution: test_id.xyz (other frames of
+  the same 10); shifted: test_new_topologies.xyz (6 topologies never seen).
+
+Many cores or a GPU: `parallel_train.py` trains the same runs side by side.
 """
 
 from __future__ import annotations
@@ -32,7 +36,10 @@ TRAINED = {
     "e2ip": ["head.evidence=learned"],  # the paper's e2IP (the default is the feature distance)
     "eip": ["model.head=eip"],
     "ensemble": ["model.head=none", "ensemble.size=5"],
+    "het_ensemble": ["model.head=mve", "ensemble.size=5"],  # members predict a variance too
 }
+
+DATASETS = ["ethanol", "3bpa", "water", "si_zeo22"]
 
 
 #: water density bands, g/cm^3: the training band and the two shifted tails
@@ -87,7 +94,7 @@ def train(dataset: str, seeds: list[int], methods: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["train", "report", "timing"])
-    parser.add_argument("--dataset", choices=["ethanol", "3bpa", "water"], required=True)
+    parser.add_argument("--dataset", choices=DATASETS, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(TRAINED), choices=list(TRAINED))
     parser.add_argument("--timing", action="store_true",

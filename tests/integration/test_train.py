@@ -140,7 +140,7 @@ def test_ensemble_trained_by_one_command(tmp_path):
     assert model.kind == "ensemble" and model.num_members == 2
     assert model.calibrated and float(model.calibration_variance) > 0
     assert metrics["form"] == "cal"
-    assert metrics["variance_floor"] == pytest.approx(float(model.calibration_variance))
+    assert metrics["nll_floor"] == pytest.approx(float(model.calibration_variance))
     seeds = [m.metadata["seed"] for m in model.members]
     assert seeds == [0, 1]
     # the two members differ (different seeds)

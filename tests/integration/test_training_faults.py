@@ -97,8 +97,9 @@ def test_repeated_failures_stop_with_the_frames_named(tmp_path, monkeypatch, cap
     last = out / "checkpoints/last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["epoch"] == 0 and all(torch.isfinite(v).all()
-                                       for v in state["state_dict"].values()
-                                       if v.is_floating_point())
+                                       for k, v in state["state_dict"].items()
+                                       if v.is_floating_point()
+                                       and not k.endswith("uncertainty_threshold"))  # NaN: unfitted
     assert [int(r["epoch"]) for r in _rows(out / "metrics.csv")] == [0]
     # the run resumes from the good checkpoint once the fault is gone
     monkeypatch.undo()

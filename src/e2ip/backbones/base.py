@@ -32,6 +32,15 @@ class BackboneOutput(NamedTuple):
     atomic_energy: torch.Tensor
     vectors: torch.Tensor | None = None
     tensors: torch.Tensor | None = None
+    #: (N,) element index of each atom: set by the model that holds the backbone (not by the
+    #: backbone) for heads whose statistics are per element
+    species: torch.Tensor | None = None
+
+
+def with_species(features: BackboneOutput, species: torch.Tensor) -> BackboneOutput:
+    """`features` with the atoms' element indices (N,) set (what the model adds for the head)."""
+    return BackboneOutput(features.scalars, features.atomic_energy, features.vectors,
+                          features.tensors, species)
 
 
 class Backbone(Configurable, nn.Module, ABC):

@@ -38,7 +38,7 @@ def run(args) -> int:
     extra = model.calibration() or {}
     if "epistemic_scale" in extra:
         print(f"{model.label()}: epistemic_scale = {extra['epistemic_scale']:.6g}")
-    unit = " (eV/Å)^2" if model.calibration_method == "variance_floor" else ""
+    unit = " (eV/Å)^2" if model.calibration_method.endswith("_floor") else ""
     print(f"{model.label()}: {model.calibration_method} = {value:.6g}{unit}")
     out = Path(args.out) if args.out else path
     model.save(out)

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
+
 from e2ip.cli.common import non_negative_int, positive_int
 
 NAME = "md"
+
+
+def threshold_value(text: str) -> float | str:
+    """--max-uncertainty: a number of eV/Å or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number (eV/Å) or 'auto', got {text!r}"
+                                         ) from None
 
 
 def add_parser(subparsers) -> None:
@@ -20,8 +33,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--ensemble", choices=("nve", "langevin", "nvt", "npt"), default="langevin")
     p.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
     p.add_argument("--pressure", type=float, default=0.0, help="npt pressure, GPa")
-    p.add_argument("--max-uncertainty", type=float, default=None, metavar="X",
-                   help="threshold on the largest per-atom forces_uncertainty, eV/Å")
+    p.add_argument("--max-uncertainty", type=threshold_value, default=None, metavar="X",
+                   help="threshold on the largest per-atom forces_uncertainty, eV/Å, or 'auto' "
+                   "(the model's stored stop_threshold, fitted at calibration)")
     p.add_argument("--on-exceed", choices=("stop", "save"), default="stop",
                    help="past the threshold: stop, or save the frame for labelling and go on")
     p.add_argument("--bias-strength", type=float, default=None, metavar="A",
@@ -55,7 +69,8 @@ def run(args) -> int:
                     seed=args.seed, progress=not args.no_progress)
     what = {"completed": "completed",
             "uncertainty": f"stopped at step {result.steps}: forces_uncertainty passed "
-                           f"{args.max_uncertainty} eV/Å (frame in {args.out}/exceeded.extxyz)",
+                           f"{result.threshold or float('nan'):.4g} eV/Å (frame in "
+                           f"{args.out}/exceeded.extxyz)",
             "non-finite": f"stopped at step {result.steps}: non-finite energy or forces"}
     print(f"MD {what[result.stop_reason]}: {result.steps} steps, "
           f"{result.steps_per_second:.1f} steps/s, max forces_uncertainty "

@@ -46,6 +46,8 @@ class MDResult:
     steps_per_second: float
     out: str | None = None
     frames: list[Atoms] = field(default_factory=list, repr=False)
+    #: the threshold the run used (eV/Å; None: none)
+    threshold: float | None = None
 
 
 def read_start_structure(path: str, index: str = "-1") -> Atoms:
@@ -125,9 +127,24 @@ def _frame(atoms: Atoms, results: dict, step: int, time_fs: float) -> Atoms:
     return frame
 
 
+def resolve_threshold(max_uncertainty: float | str | None, calc: E2IPCalculator) -> float | None:
+    """A threshold in eV/Å from a number, None, or "auto" (the model's stored stop_threshold,
+    which holds for the form "cal" only)."""
+    if max_uncertainty != "auto":
+        return None if max_uncertainty is None else float(max_uncertainty)
+    threshold = calc.model.stop_threshold
+    if threshold is None:
+        raise ConfigError(f"max_uncertainty 'auto': {calc.model.label()} stores no threshold "
+                          "(written before e2ip 0.3, or never calibrated: `e2ip calibrate`)")
+    if calc.form != "cal":
+        raise ConfigError("max_uncertainty 'auto': the stored threshold is for the form 'cal', "
+                          f"the calculator reports {calc.form!r}")
+    return threshold
+
+
 def run_md(atoms: Atoms, model, *, steps: int = 1000, temperature_K: float = 300.0,
            timestep_fs: float = 0.5, ensemble: str = "langevin", friction_per_fs: float = 0.01,
-           pressure_GPa: float = 0.0, max_uncertainty: float | None = None,
+           pressure_GPa: float = 0.0, max_uncertainty: float | str | None = None,
            on_exceed: str = "stop", bias: UncertaintyBias | None = None,
            out: str | Path | None = None, log_interval: int = 1, traj_interval: int = 10,
            save_interval: int = 10, seed: int = 0, device: str = "cpu", skin: float = 1.0,
@@ -135,7 +152,8 @@ def run_md(atoms: Atoms, model, *, steps: int = 1000, temperature_K: float = 300
     """Run MD from `atoms` (a copy is used) with a model (file, run folder, Potential or an
     E2IPCalculator). Velocities are drawn at `temperature_K` unless `atoms` has momenta.
     save_interval: with on_exceed='save', at least this many steps between saved frames.
-    keep_frames: also return the trajectory frames in memory (`MDResult.frames`)."""
+    keep_frames: also return the trajectory frames in memory (`MDResult.frames`).
+    max_uncertainty: eV/Å, or "auto": the model's stored `stop_threshold` (form "cal")."""
     if on_exceed not in ON_EXCEED:
         raise ConfigError(f"on_exceed must be one of {', '.join(ON_EXCEED)}, got {on_exceed!r}")
     if steps < 0 or log_interval < 1 or traj_interval < 1 or save_interval < 1:
@@ -155,6 +173,7 @@ def run_md(atoms: Atoms, model, *, steps: int = 1000, temperature_K: float = 300
     if max_uncertainty is not None and not calc.model.has_epistemic:
         raise ConfigError(f"--max-uncertainty needs a model with epistemic uncertainty; "
                           f"{calc.model.label()} has none")
+    max_uncertainty = resolve_threshold(max_uncertainty, calc)
     atoms.calc = calc
     if not atoms.get_momenta().any() and temperature_K > 0:
         from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
@@ -218,7 +237,8 @@ def run_md(atoms: Atoms, model, *, steps: int = 1000, temperature_K: float = 300
     result = MDResult(steps=done, stop_reason=stop_reason, exceeded=exceeded,
                       first_exceeded_step=first_exceeded, max_uncertainty=max_seen,
                       steps_per_second=done / elapsed if elapsed > 0 else float("nan"),
-                      out=str(out_dir) if out_dir else None, frames=frames)
+                      out=str(out_dir) if out_dir else None, frames=frames,
+                      threshold=max_uncertainty)
     if out_dir is not None:
         summary = {k: v for k, v in asdict(result).items() if k != "frames"}
         summary.update({"ensemble": ensemble, "temperature_K": temperature_K,

@@ -277,7 +277,8 @@ def evaluate(model: Potential, structures: list[Structure], *, units: str = "eV"
     form: 'raw' or 'cal' (None: 'cal' when the model is calibrated, else 'raw'). The metrics
     always say which: `form`, and whenever a calibration is applied also `calibration`
     ({method, value}), the fitted value under its method's name (`variance_scale` for single
-    models, `variance_floor` for ensembles) and the raw figures from the same pass under `raw`.
+    models and heteroskedastic ensembles, `nll_floor` or the paper's `variance_floor` for
+    ensembles) and the raw figures from the same pass under `raw`.
     timing: add `time_per_atom_ms` measured as docs/maths.md §7 says (:func:`time_per_atom_ms`);
     aggregate, reference: the per-structure uncertainty and the reference set of
     :func:`compute_metrics`."""

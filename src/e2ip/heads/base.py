@@ -18,6 +18,8 @@ class FeatureDims:
     num_scalars: int
     num_vectors: int = 0
     num_tensors: int = 0
+    #: number of elements the model knows (the range of BackboneOutput.species)
+    num_species: int = 1
 
 
 class Head(Configurable, nn.Module, ABC):

@@ -57,6 +57,12 @@ class E2IPHyperparameters:
     evidence: Evidence = "feature_distance"
     #: Ridge lambda of the feature distance (relative to the mean feature variance).
     feature_ridge: float = 1e-3
+    #: Feature distance from centred features plus an intercept (the ridge relative to their
+    #: variance); false: the uncentred second moment of e2ip 0.2 (files written by it load so).
+    feature_centred: bool = True
+    #: One feature distance per element (its own mean, covariance and normalisation), so an
+    #: atom's r ~ 1 in distribution whatever the composition; false: one for all atoms.
+    feature_per_element: bool = False
 
 
 
@@ -91,7 +97,9 @@ class E2IPHead(Head):
                              f"{hparams.evidence!r}")
         self.uses_feature_statistics = self.scales_epistemic = hparams.evidence != "learned"
         if self.uses_feature_statistics:
-            self.feature_distance = FeatureDistance(dims.num_scalars, hparams.feature_ridge)
+            self.feature_distance = FeatureDistance(
+                dims.num_scalars, hparams.feature_ridge, centred=hparams.feature_centred,
+                num_groups=dims.num_species if hparams.feature_per_element else 1)
         k = hparams.tensor_channels
         self.use_native_l2 = dims.num_tensors > 0
         if self.use_native_l2:
@@ -150,14 +158,14 @@ class E2IPHead(Head):
         nu = nn.functional.softplus(z_nu) + self.nu_floor
         params = {"A": a_mat, "c0": c0, "c2": c2, "kappa": kappa, "nu": nu}
         if self.uses_feature_statistics:  # a Python constant of the head: no branching on data
-            distance = self.feature_distance(features.scalars)
+            distance = self.feature_distance(features.scalars, features.species)
             params["feature_distance"] = distance
             params["learned_kappa"] = kappa  # what the loss trains
             params["kappa"] = kappa / distance
         return params
 
     def fit_feature_statistics(self, batches) -> int:
-        return self.feature_distance.fit(features.scalars for features in batches)
+        return self.feature_distance.fit((f.scalars, f.species) for f in batches)
 
     def feature_statistics_fitted(self) -> bool:
         return not self.uses_feature_statistics or bool(self.feature_distance.fitted)

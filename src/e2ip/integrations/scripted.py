@@ -5,6 +5,7 @@ The export formats (:mod:`e2ip.integrations.metatomic`) wrap these."""
 import torch
 from torch import nn
 
+from e2ip.backbones.base import with_species
 from e2ip.models.ensemble import Ensemble, member_spread
 from e2ip.models.single import PotentialModel, atomic_energies
 
@@ -30,7 +31,8 @@ class ScriptedPotential(nn.Module):
                 batch: torch.Tensor, num_graphs: int,
                 with_uncertainty: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         species = self.species_lookup[numbers]
-        features = self.backbone(species, edge_index, edge_vectors, batch, num_graphs)
+        features = with_species(self.backbone(species, edge_index, edge_vectors, batch, num_graphs),
+                                species)
         atomic = atomic_energies(features.atomic_energy, self.energy_scale,
                                  self.reference_energies, species)
         covariances: dict[str, torch.Tensor] = {}
@@ -55,12 +57,8 @@ class ScriptedEnsemble(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(ScriptedPotential(m, "raw") for m in ensemble.members)
         self.heteroskedastic = bool(ensemble.heteroskedastic)
-        calibrated = form == "cal"
-        if self.heteroskedastic:
-            self.floor = float(ensemble.raw_floor)
-            self.scale = float(ensemble.calibration_variance) if calibrated else 1.0
-        else:
-            self.floor, self.scale = float(ensemble.floor(form)), 1.0
+        self.floor = float(ensemble.floor(form))
+        self.epistemic_factor, self.aleatoric_factor = ensemble.form_factors(form)
 
     def forward(self, numbers: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor,
                 batch: torch.Tensor, num_graphs: int,
@@ -101,10 +99,11 @@ class ScriptedEnsemble(nn.Module):
         epistemic = member_spread(member_forces)
         eye = torch.eye(3, dtype=epistemic.dtype, device=epistemic.device)
         if self.heteroskedastic:
-            aleatoric = torch.stack(aleatoric_list).mean(0) + self.floor * eye
-            epistemic, aleatoric = self.scale * epistemic, self.scale * aleatoric
+            aleatoric = self.aleatoric_factor * (torch.stack(aleatoric_list).mean(0)
+                                                 + self.floor * eye)
         else:
             aleatoric = (self.floor * eye).expand_as(epistemic).clone()
+        epistemic = self.epistemic_factor * epistemic
         covariances = {"epistemic": epistemic, "aleatoric": aleatoric,
                        "predictive": epistemic + aleatoric,
                        "member_atomic_energies": atomics.detach()}

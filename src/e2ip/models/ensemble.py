@@ -1,15 +1,19 @@
 """Deep-ensemble baseline (docs/maths.md §6): M potentials with the same spec and different seeds.
 
 Mean force mu = mean_m mu_m; epistemic covariance U_epi = 1/M sum_m (mu_m - mu)(mu_m - mu)^T.
-Predictive: Gaussian N(mu, U_epi + floor I) with floor = `raw_floor` (tiny, form "raw") or the
-fitted `calibration_variance` s^2 (form "cal"), chosen on the validation set by bisection so that
-Coverage@95 is 0.95 (`calibrate`, :func:`e2ip.stats.calibration.fit_calibration_floor`).
+Predictive: Gaussian N(mu, U_epi + floor I) with floor = `raw_floor` (tiny, form "raw"). The
+form "cal" is N(mu, t U_epi + s^2 I) with t (`epistemic_scale`) and s^2
+(`calibration_variance`) minimising the NLL on the validation set (`calibration_form` "nll",
+:func:`e2ip.stats.calibration.fit_aleatoric_and_epistemic_scales`): as strong a calibration as
+the single models' two scales. `calibration_form` "paper_floor" keeps the paper's recipe
+(t = 1, s chosen by bisection so that Coverage@95 is 0.95,
+:func:`e2ip.stats.calibration.fit_calibration_floor`) for the paper's tables.
 
 A heteroskedastic ensemble (members with an uncertainty head, e.g. "mve"): the aleatoric part is
 the mean of the members' predictive covariances, U_ale = 1/M sum_m C_m, and the predictive the
-moment-matched mixture N(mu, U_epi + U_ale) (+ raw_floor I); its calibration multiplies both by
-one variance scale fitted by NLL on the validation set, as for single models (a floor can only
-widen, and these members can also be too wide). Such members run one by one (no vmap).
+moment-matched mixture N(mu, U_epi + U_ale) (+ raw_floor I); its calibration is
+N(mu, t U_epi + s U_ale), t and s by NLL (files of format 3 and older: t = s, one scale on both).
+Such members run one by one (no vmap).
 
 The members run in one batched pass: their parameters are stacked along a leading member axis and
 the backbone is evaluated with ``torch.func.functional_call`` under ``torch.vmap``; the forces are
@@ -36,10 +40,12 @@ from e2ip.models.io import register_kind
 from e2ip.models.potential import Potential, detached_outputs, trace
 from e2ip.models.single import PotentialModel, atomic_energies
 from e2ip.nn.scatter import scatter_sum
-from e2ip.stats.calibration import fit_calibration_floor, fit_variance_scale
-from e2ip.stats.predictive import Gaussian, concatenate
+from e2ip.stats.calibration import fit_aleatoric_and_epistemic_scales, fit_calibration_floor
+from e2ip.stats.predictive import Gaussian
 
 RAW_FLOOR = 1e-8  # (eV/Å)^2: the "eps I" of the raw ensemble
+#: how `calibrate` fits the form "cal" (see the module docstring)
+CALIBRATION_FORMS = ("nll", "paper_floor")
 
 
 def member_spread(member_forces: torch.Tensor) -> torch.Tensor:
@@ -61,7 +67,8 @@ class Ensemble(Potential):
 
     def __init__(self, members: Sequence[PotentialModel], *, raw_floor: float = RAW_FLOOR,
                  calibration_variance: float | None = None, batched: bool | None = None,
-                 chunk_size: int | None = None, metadata: dict | None = None):
+                 chunk_size: int | None = None, metadata: dict | None = None,
+                 calibration_form: str = "nll"):
         super().__init__()
         members = list(members)
         if not members:
@@ -72,6 +79,13 @@ class Ensemble(Potential):
                 raise ModelError("ensemble members must share elements (same order) and cutoff")
             if m.head_name != first.head_name:
                 raise ModelError("ensemble members must share their head")
+        if calibration_form not in CALIBRATION_FORMS:
+            raise ModelError(f"ensemble calibration must be one of {', '.join(CALIBRATION_FORMS)}"
+                             f", got {calibration_form!r}")
+        if calibration_form == "paper_floor" and first.head.has_uncertainty:
+            raise ModelError("the paper's floor calibrates plain ensembles; a heteroskedastic "
+                             "one is calibrated by NLL ('nll')")
+        self.calibration_form = calibration_form
         self.members = nn.ModuleList(members)
         self.elements = list(first.elements)
         self.cutoff = float(first.cutoff)
@@ -84,6 +98,8 @@ class Ensemble(Potential):
         self.metadata = dict(metadata or {})
         value = float("nan") if calibration_variance is None else float(calibration_variance)
         self.register_buffer("calibration_variance", torch.tensor(value, dtype=torch.float64))
+        # the factor t on U_epi in the form "cal" (1 for the paper's floor)
+        self.register_buffer("epistemic_scale", torch.ones((), dtype=torch.float64))
         self._stack_cache: tuple[Any, Any] | None = None
         self._vmap_failed = False
 
@@ -109,7 +125,18 @@ class Ensemble(Potential):
 
     @property
     def calibration_method(self) -> str:  # type: ignore[override]
-        return "variance_scale" if self.heteroskedastic else "variance_floor"
+        """The name of the fitted value: 'variance_floor' (s^2 of the paper's floor),
+        'nll_floor' (s^2 fitted by NLL beside t) or 'variance_scale' (s on the members' mean
+        covariance, heteroskedastic ensembles)."""
+        if self.heteroskedastic:
+            return "variance_scale"
+        return "variance_floor" if self.calibration_form == "paper_floor" else "nll_floor"
+
+    def calibration(self) -> dict[str, Any] | None:
+        out = super().calibration()
+        if out is not None:
+            out["epistemic_scale"] = float(self.epistemic_scale)
+        return out
 
     def label(self) -> str:
         kind = "Het. ensemble" if self.heteroskedastic else "Ensemble"
@@ -118,14 +145,15 @@ class Ensemble(Potential):
     def spec(self) -> dict[str, Any]:
         return {"members": [m.spec() for m in self.members], "raw_floor": self.raw_floor,
                 "batched": self.batched, "chunk_size": self.chunk_size,
-                "metadata": self.metadata}
+                "metadata": self.metadata, "calibration_form": self.calibration_form}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Ensemble:
         members = [PotentialModel.from_spec(s) for s in spec["members"]]
         return cls(members, raw_floor=spec.get("raw_floor", RAW_FLOOR),
                    batched=spec.get("batched"), chunk_size=spec.get("chunk_size"),
-                   metadata=spec.get("metadata"))
+                   metadata=spec.get("metadata"),
+                   calibration_form=spec.get("calibration_form", "nll"))
 
     def fit_training_statistics(self, structures, batch_size: int = 32) -> int | None:
         """Each member's (for members whose head needs training statistics)."""
@@ -282,26 +310,38 @@ class Ensemble(Potential):
 
     # -- uncertainty -------------------------------------------------------------------------
     def floor(self, form: str | None = None) -> float:
-        """The isotropic variance added to U_epi: `raw_floor` ("raw") or s^2 ("cal")."""
-        return self.raw_floor if self.resolve_form(form) == "raw" else float(
-            self.calibration_variance)
+        """The isotropic variance added to the aleatoric part: `raw_floor`, or in the form "cal"
+        of a plain ensemble the fitted s^2."""
+        if self.heteroskedastic or self.resolve_form(form) == "raw":
+            return self.raw_floor
+        return float(self.calibration_variance)
+
+    def form_factors(self, form: str | None) -> tuple[float, float]:
+        """(factor on U_epi, factor on the members' mean covariance) of `form`: 1, 1 in the form
+        "raw"; in the form "cal" t and (heteroskedastic ensembles) s, else 1."""
+        if self.resolve_form(form) == "raw":
+            return 1.0, 1.0
+        aleatoric = float(self.calibration_variance) if self.heteroskedastic else 1.0
+        return float(self.epistemic_scale), aleatoric
 
     @staticmethod
     def epistemic(member_forces: torch.Tensor) -> torch.Tensor:
         return member_spread(member_forces)
 
-    def covariances(self, params, forces=None, form: str | None = None) -> dict[str, torch.Tensor]:
-        """epistemic U_epi, aleatoric floor I (or the members' mean covariance, times the
-        variance scale in the form 'cal'), predictive their sum; all (N, 3, 3)."""
-        epistemic = self.epistemic(params["member_forces"])
-        eye = torch.eye(D, dtype=epistemic.dtype, device=epistemic.device)
+    def _aleatoric(self, params, like: torch.Tensor, floor: float) -> torch.Tensor:
+        """The members' mean covariance (heteroskedastic) plus floor I, or floor I: (N, 3, 3)."""
+        eye = torch.eye(D, dtype=like.dtype, device=like.device)
         if self.heteroskedastic:
-            aleatoric = params["member_covariances"].mean(0) + self.raw_floor * eye
-            if self.resolve_form(form) == "cal":
-                scale = float(self.calibration_variance)
-                epistemic, aleatoric = scale * epistemic, scale * aleatoric
-        else:
-            aleatoric = (self.floor(form) * eye).expand_as(epistemic).clone()
+            return params["member_covariances"].mean(0) + floor * eye
+        return (floor * eye).expand_as(like).clone()
+
+    def covariances(self, params, forces=None, form: str | None = None) -> dict[str, torch.Tensor]:
+        """epistemic t U_epi, aleatoric (floor I, or the members' mean covariance times s),
+        predictive their sum; all (N, 3, 3), t = s = 1 and the raw floor in the form "raw"."""
+        epistemic = self.epistemic(params["member_forces"])
+        t, s = self.form_factors(form)
+        aleatoric = self._aleatoric(params, epistemic, self.floor(form))
+        epistemic, aleatoric = t * epistemic, s * aleatoric
         return {"aleatoric": aleatoric, "epistemic": epistemic,
                 "predictive": epistemic + aleatoric}
 
@@ -314,18 +354,19 @@ class Ensemble(Potential):
         self.calibration_variance.fill_(float(variance))
 
     def _fit_calibration(self, batches, target: float = 0.95, level: float = 0.95) -> float:
-        """s^2 such that N(mu, U_epi + s^2 I) covers `target` of the held-out atoms at `level`;
-        for a heteroskedastic ensemble the variance scale of N(mu, U_epi + U_ale) by NLL."""
-        if self.heteroskedastic:
-            pred = concatenate([self.predictive(out["params"], out["forces"], "raw")
-                                for _, out in batches])
-            ref = torch.cat([g.forces for g, _ in batches]).to(pred.loc.dtype)
-            value = fit_variance_scale(pred.detached(), ref)
-            self.set_calibration_variance(value)
-            return value
+        """Fit the form "cal" on held-out batches; returns s^2 (plain) or s (heteroskedastic).
+        "nll": (s^2 or s, t) minimising the Gaussian NLL; "paper_floor": s^2 such that
+        N(mu, U_epi + s^2 I) covers `target` of the atoms at `level`, t = 1."""
         errors = torch.cat([g.forces.to(out["forces"].dtype) - out["forces"] for g, out in batches])
         epistemic = torch.cat([self.epistemic(out["params"]["member_forces"]) for _, out in batches])
-        s = fit_calibration_floor(errors, epistemic, target=target, level=level)
-        self.set_calibration_variance(s**2)
-        return s**2
-
+        if self.calibration_form == "paper_floor":
+            value, t = fit_calibration_floor(errors, epistemic, target=target, level=level)**2, 1.0
+        else:
+            aleatoric = (torch.cat([self._aleatoric(out["params"], out["forces"], self.raw_floor)
+                                    for _, out in batches]) if self.heteroskedastic else None)
+            value, t = fit_aleatoric_and_epistemic_scales(errors.detach(), epistemic.detach(),
+                                                          None if aleatoric is None
+                                                          else aleatoric.detach())
+        self.set_calibration_variance(value)
+        self.epistemic_scale.fill_(t)
+        return value

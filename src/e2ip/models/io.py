@@ -18,7 +18,14 @@ what is missing, so such files load as what they are):
 1. the first format;
 2. adds the post-hoc calibration buffers ``variance_scale`` and ``epistemic_scale`` (1 = none);
 3. adds the e2IP head's ``evidence`` option, whose default became ``feature_distance``: files
-   without it had the paper's learned evidence (``learned``).
+   without it had the paper's learned evidence (``learned``);
+4. the feature distance from centred features with an intercept, optionally per element (head
+   options ``feature_centred``, ``feature_per_element``; buffers ``center`` (G, F),
+   ``whitening`` (G, F, F), ``offset`` (G,)): files without them had one uncentred distance;
+   the ensemble's calibration by NLL, ``N(mu, t U_epi + s^2 I)`` (spec ``calibration_form``
+   ``nll``; buffer ``epistemic_scale`` t): files without them had the paper's floor (plain
+   ensembles, ``paper_floor``) or one scale on both parts (heteroskedastic: t = s);
+   the ``uncertainty_threshold`` buffer of every model (NaN: none fitted).
 
 Changing what a model writes means: bump ``MODEL_VERSION``, add the upgrade from the previous
 version to ``UPGRADES``, commit a file of the new version under ``tests/data/model_files/`` and
@@ -48,7 +55,7 @@ from e2ip.registry import Registry
 
 MODEL_FORMAT = "e2ip-model"
 #: the version written now; see the module docstring for what each version added
-MODEL_VERSION = 3
+MODEL_VERSION = 4
 #: the model file inside a run folder (`e2ip train --out FOLDER` writes FOLDER/model.pt)
 MODEL_FILE_NAME = "model.pt"
 DTYPES = ("float32", "float64")
@@ -184,8 +191,41 @@ def _upgrade_2_to_3(payload: dict) -> None:
                                     **(options if isinstance(options, dict) else {})}
 
 
+def _upgrade_3_to_4(payload: dict) -> None:
+    """Version 4: the centred (optionally per-element) feature distance, the ensemble's NLL
+    calibration and the stored uncertainty threshold (see the module docstring)."""
+    state = payload.get("state_dict")
+    if not isinstance(state, dict):
+        return
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    for spec, prefix in _single_models(payload):
+        options = spec.get("head_options")
+        if spec.get("head", "e2ip") == "e2ip" and isinstance(options, dict):
+            spec["head_options"] = {"feature_centred": False, "feature_per_element": False,
+                                    **options}
+        whitening = state.get(prefix + "head.feature_distance.whitening")
+        if isinstance(whitening, torch.Tensor) and whitening.dim() == 2:
+            f = whitening.shape[0]
+            state[prefix + "head.feature_distance.whitening"] = whitening[None]
+            state.setdefault(prefix + "head.feature_distance.center",
+                             torch.zeros(1, f, dtype=whitening.dtype))
+            state.setdefault(prefix + "head.feature_distance.offset",
+                             torch.zeros(1, dtype=whitening.dtype))
+        state.setdefault(prefix + "uncertainty_threshold", nan.clone())
+    spec = payload.get("spec")
+    if payload.get("kind") == "ensemble" and isinstance(spec, dict):
+        members = spec.get("members") or [{}]
+        heteroskedastic = isinstance(members[0], dict) and members[0].get("head") == "mve"
+        variance = state.get("calibration_variance", nan)
+        spec.setdefault("calibration_form", "nll" if heteroskedastic else "paper_floor")
+        state.setdefault("epistemic_scale", variance.clone() if heteroskedastic
+                         else torch.ones((), dtype=torch.float64))
+        state.setdefault("uncertainty_threshold", nan.clone())
+
+
 #: UPGRADES[v] brings a payload of version v to version v + 1 (in place)
-UPGRADES: dict[int, Callable[[dict], None]] = {1: _upgrade_1_to_2, 2: _upgrade_2_to_3}
+UPGRADES: dict[int, Callable[[dict], None]] = {1: _upgrade_1_to_2, 2: _upgrade_2_to_3,
+                                               3: _upgrade_3_to_4}
 
 
 def upgrade_payload(payload: dict, source: str = "model file") -> dict:

@@ -15,6 +15,9 @@ uses only what :class:`Potential` declares and never asks which kind it holds:
 - ``calibrate(structures)`` fits the kind's post-hoc calibration on held-out data; ``calibrated``,
   ``calibration()`` describe it; ``form`` is ``"raw"`` (the model's own uncertainty) or ``"cal"``
   (with the fitted calibration); None means ``"cal"`` when calibrated, else ``"raw"``;
+- ``stop_threshold``: the largest per-atom ``forces_uncertainty`` (eV/Å, form "cal") that
+  :data:`THRESHOLD_QUANTILE` of the calibration structures stay below, fitted by ``calibrate``
+  and saved with the model: the default threshold of uncertainty-stopped MD and selection;
 - ``predict(inputs)`` numpy predictions; ``save(path)``; ``label()`` a readable method name.
 
 The model file (format, versions, loading any kind) is :mod:`e2ip.models.io`.
@@ -39,6 +42,9 @@ from e2ip.models.io import load_model, save_model
 from e2ip.stats.predictive import Predictive
 
 FORMS = ("raw", "cal")
+#: the quantile of the calibration structures' largest per-atom forces_uncertainty stored as
+#: `stop_threshold` (fixed before any run it is reported on: docs/uncertainty_in_use.md)
+THRESHOLD_QUANTILE = 0.99
 
 
 def trace(matrices: torch.Tensor) -> torch.Tensor:
@@ -64,12 +70,27 @@ class Potential(nn.Module, ABC):
     """Base of every model kind; see the module docstring for the interface."""
 
     kind: ClassVar[str] = ""
-    #: what `calibrate` fits: "variance_scale" (covariances x s) or "variance_floor" (+ s^2 I)
+    #: the name of what `calibrate` fits: "variance_scale" (covariances x s), "variance_floor"
+    #: or "nll_floor" (+ s^2 I; the paper's by coverage, or by NLL beside an epistemic scale)
     calibration_method: ClassVar[str] = ""
 
     elements: list[int]
     cutoff: float
     metadata: dict
+
+    def __init__(self):
+        super().__init__()
+        # fitted by `calibrate` (NaN: none): see `stop_threshold`
+        self.register_buffer("uncertainty_threshold",
+                             torch.tensor(float("nan"), dtype=torch.float64))
+
+    @property
+    def stop_threshold(self) -> float | None:
+        """The default threshold on the largest per-atom forces_uncertainty of a structure
+        (eV/Å, form "cal"): the :data:`THRESHOLD_QUANTILE` quantile of it over the structures
+        the model was calibrated on; None before :meth:`calibrate`."""
+        value = float(self.uncertainty_threshold)
+        return value if np.isfinite(value) else None
 
     # -- torch.compile ------------------------------------------------------------------------
     def enable_compile(self, **options) -> Potential:
@@ -176,7 +197,10 @@ class Potential(nn.Module, ABC):
         """{"method": ..., "value": ...} of the fitted calibration, or None."""
         if not self.calibrated:
             return None
-        return {"method": self.calibration_method, "value": float(self.calibration_value())}
+        out = {"method": self.calibration_method, "value": float(self.calibration_value())}
+        if self.stop_threshold is not None:
+            out["stop_threshold"] = self.stop_threshold
+        return out
 
     def calibrate(self, structures, batch_size: int = 32) -> float:
         """Fit the post-hoc calibration on held-out structures with reference forces (the
@@ -192,7 +216,22 @@ class Potential(nn.Module, ABC):
             self.train(was_training)
         if not batches:
             raise ModelError("calibrate: no structures to calibrate on")
-        return self._fit_calibration(batches)
+        value = self._fit_calibration(batches)
+        if self.has_epistemic:
+            self._fit_stop_threshold(batches)
+        return value
+
+    def _fit_stop_threshold(self, batches) -> None:
+        """`uncertainty_threshold` from the calibrated per-structure maxima of the per-atom
+        forces_uncertainty over the calibration batches."""
+        maxima = []
+        for g, out in batches:
+            u = sigma_from_trace(trace(self.covariances(out["params"], out["forces"],
+                                                        "cal")["epistemic"])).detach()
+            top = torch.full((g.num_graphs,), -torch.inf, dtype=u.dtype, device=u.device)
+            maxima.append(top.scatter_reduce(0, g.batch, u, "amax"))
+        value = torch.quantile(torch.cat(maxima).double().cpu(), THRESHOLD_QUANTILE)
+        self.uncertainty_threshold.fill_(float(value))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from e2ip.backbones import get_backbone
+from e2ip.backbones.base import with_species
 from e2ip.data.graph import AtomicGraph
 from e2ip.errors import DataError, ModelError
 from e2ip.heads import FeatureDims, get_head
@@ -53,7 +54,7 @@ class PotentialModel(Potential):
         head_hp = head_cls.hparams_from_dict(head_options)
         self.backbone = backbone_cls(len(self.elements), self.cutoff, bb_hp)
         dims = FeatureDims(self.backbone.num_scalars, self.backbone.num_vectors,
-                           self.backbone.num_tensors)
+                           self.backbone.num_tensors, num_species=len(self.elements))
         self.head = head_cls(dims, force_scale, head_hp)
         self.energy_scale = float(energy_scale)
         self.force_scale = float(force_scale)
@@ -153,8 +154,9 @@ class PotentialModel(Potential):
                 cell = cell + torch.bmm(cell, sym)
                 wrt.append(strain)
             graph = AtomicGraph(**{**graph.__dict__, "positions": deformed, "cell": cell})
-            features = self.backbone(species, graph.edge_index, graph.edge_vectors(deformed),
-                                     graph.batch, graph.num_graphs)
+            features = with_species(self.backbone(species, graph.edge_index,
+                                                  graph.edge_vectors(deformed), graph.batch,
+                                                  graph.num_graphs), species)
             atomic = self._atomic_energies(features, species)
             energy = scatter_sum(atomic, graph.batch, graph.num_graphs)
             params = self.head(features) if bias is not None else None
@@ -221,7 +223,7 @@ class PotentialModel(Potential):
             return atomic.sum(), {k: v for k, v in aux.items() if v is not None}
 
         grad, aux = torch.func.grad(energy_of, has_aux=True)(positions)
-        params = self.head(BackboneOutput(**aux))
+        params = self.head(BackboneOutput(**aux, species=species))
         return aux["atomic_energy"], -grad, params
 
     def _compiled_forward(self, graph: AtomicGraph, species: torch.Tensor) -> dict[str, Any]:
@@ -364,8 +366,10 @@ class PotentialModel(Potential):
             loader = GraphDataset(structures, self.cutoff).loader(batch_size, dtype=self.dtype)
             for g in loader:
                 g = g.to(self.device)
-                yield self.backbone(self.species(g.numbers), g.edge_index,
-                                    g.edge_vectors(g.positions), g.batch, g.num_graphs)
+                species = self.species(g.numbers)
+                yield with_species(self.backbone(species, g.edge_index,
+                                                 g.edge_vectors(g.positions), g.batch,
+                                                 g.num_graphs), species)
 
         try:
             return self.head.fit_feature_statistics(features())

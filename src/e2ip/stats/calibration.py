@@ -8,8 +8,13 @@ Two methods behind one interface (``Potential.calibrate``):
   feature_distance``) the epistemic part gets its own factor t, fitted jointly with s
   (:func:`fit_variance_and_epistemic_scale`), so that one overall factor fitted in distribution
   cannot shrink the part that is meant to grow under shift;
-- ``variance_floor`` (deep ensembles, the paper's "Ensemble (cal)", docs/maths.md §6): N(mu, U_epi + s^2 I)
-  with s chosen by bisection so that Coverage@95 on the validation set is 0.95.
+- ``nll`` (deep ensembles, the default): N(mu, t U_epi + a A), A the aleatoric part (I for a
+  plain ensemble, then a = s^2 is a floor; the members' mean predictive covariance for a
+  heteroskedastic one), with (a, t) minimising the mean Gaussian NLL on the validation set
+  (:func:`fit_aleatoric_and_epistemic_scales`): as strong as the single models' two scales;
+- ``paper_floor`` (the paper's "Ensemble (cal)", docs/maths.md §6): N(mu, U_epi + s^2 I) with s
+  chosen by bisection so that Coverage@95 on the validation set is 0.95
+  (:func:`fit_calibration_floor`); it fixes one quantile, not the shape.
 """
 
 from __future__ import annotations
@@ -63,6 +68,52 @@ def fit_variance_and_epistemic_scale(predictive_for: Callable[[float], Predictiv
     if log_t not in best:
         profile_nll(log_t)
     return best[log_t][0], math.exp(log_t)
+
+
+def gaussian_nll_of_scales(errors: np.ndarray, epistemic: np.ndarray, aleatoric: np.ndarray,
+                           a: float, t: float) -> float:
+    """Mean over atoms of -log N(e; 0, t E + a A) for errors e (N, 3), E, A (N, 3, 3)."""
+    cov = t * epistemic + a * aleatoric
+    sign, logdet = np.linalg.slogdet(cov)
+    if np.any(sign <= 0):
+        return float("inf")
+    quad = np.einsum("ni,ni->n", errors, np.linalg.solve(cov, errors[..., None])[..., 0])
+    return float(np.mean(0.5 * (quad + logdet + D * math.log(2 * math.pi))))
+
+
+def fit_aleatoric_and_epistemic_scales(errors, epistemic, aleatoric=None) -> tuple[float, float]:
+    """(a, t) minimising the mean NLL of N(0, t U_epi + a A) at the errors y - mu (N, 3); A the
+    aleatoric covariances (N, 3, 3), None: the identity (then a is a variance floor in the
+    errors' units squared). t in [1e-3, 1e3]; a within 1e-6..1e6 of its natural size
+    mean(e^2) / mean(tr A / 3). A coarse grid over (log a, log t), then Nelder-Mead from its
+    best point: the NLL is smooth but not convex in (log a, log t)."""
+    from scipy.optimize import minimize
+
+    errors, epistemic = as_float64_numpy(errors), as_float64_numpy(epistemic)
+    if errors.shape[0] == 0:
+        raise ValueError("no atoms to calibrate on")
+    epistemic = 0.5 * (epistemic + np.swapaxes(epistemic, -1, -2))
+    aleatoric = (np.broadcast_to(np.eye(D), epistemic.shape) if aleatoric is None
+                 else as_float64_numpy(aleatoric))
+    natural = float(np.mean(errors**2)) / max(float(np.mean(np.trace(aleatoric, axis1=1,
+                                                                        axis2=2))) / D, 1e-300)
+    log_t_bounds = tuple(math.log(b) for b in SCALE_BOUNDS)
+    log_a_bounds = (math.log(natural * 1e-6), math.log(natural * 1e6))
+
+    def nll(x) -> float:
+        log_a = min(max(x[0], log_a_bounds[0]), log_a_bounds[1])
+        log_t = min(max(x[1], log_t_bounds[0]), log_t_bounds[1])
+        return gaussian_nll_of_scales(errors, epistemic, aleatoric, math.exp(log_a),
+                                      math.exp(log_t))
+
+    grid = [(log_a, log_t) for log_a in np.linspace(*log_a_bounds, 13)
+            for log_t in np.linspace(*log_t_bounds, 13)]
+    start = min(grid, key=nll)
+    res = minimize(nll, np.array(start), method="Nelder-Mead",
+                   options={"xatol": 1e-4, "fatol": 1e-9, "maxiter": 2000})
+    log_a = min(max(float(res.x[0]), log_a_bounds[0]), log_a_bounds[1])
+    log_t = min(max(float(res.x[1]), log_t_bounds[0]), log_t_bounds[1])
+    return math.exp(log_a), math.exp(log_t)
 
 
 def fit_calibration_floor(errors, epistemic, target: float = 0.95, level: float = 0.95,

@@ -43,4 +43,5 @@ def train_ensemble(cfg: Config, out_dir, *, data: PreparedData | None = None,
         if is_global_zero():  # under DDP every rank trains the member; rank 0 saves it
             model.save(done)
         members.append(model)
-    return Ensemble(members, metadata={"size": len(members), **members[0].metadata})
+    return Ensemble(members, metadata={"size": len(members), **members[0].metadata},
+                    calibration_form=cfg.ensemble.calibration)

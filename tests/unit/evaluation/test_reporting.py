@@ -114,13 +114,15 @@ def test_ensemble_reports_its_floor_through_the_same_interface(structures):
                                       backbone_options=SMALL).double())
     ens = Ensemble(members).eval()
     ens.set_calibration_variance(0.05)
+    ens.epistemic_scale.fill_(3.0)
     metrics, _ = evaluate(ens, structures)
-    assert metrics["form"] == "cal" and metrics["variance_floor"] == pytest.approx(0.05)
-    assert metrics["calibration"]["method"] == "variance_floor"
+    assert metrics["form"] == "cal" and metrics["nll_floor"] == pytest.approx(0.05)
+    assert metrics["calibration"]["method"] == "nll_floor"
+    assert metrics["calibration"]["epistemic_scale"] == 3.0
     out = ens.predict(structures, form="raw")
     y = np.concatenate([s.forces for s in structures])
     nll = [-stats.multivariate_normal.logpdf(y[i], out["forces"][i],
-                                             out["epistemic"][i] + 0.05 * np.eye(3))
+                                             3.0 * out["epistemic"][i] + 0.05 * np.eye(3))
            for i in range(len(y))]
     assert metrics["nll"] == pytest.approx(np.mean(nll), rel=1e-8)
     assert metrics["raw"]["nll"] > metrics["nll"]  # the raw floor 1e-8 is far too narrow

@@ -18,27 +18,77 @@ from e2ip.heads.feature_distance import FeatureDistance
 from e2ip.train.datasets import demo_data_path
 
 
-def _leverage_reference(train: np.ndarray, query: np.ndarray, ridge: float) -> np.ndarray:
-    """h^T C^-1 h / mean over the training rows, C = H^T H / N + ridge tr(H^T H / N) / F I."""
-    moment = train.T @ train / len(train)
-    c = moment + ridge * np.trace(moment) / len(moment) * np.eye(len(moment))
-    c_inv = np.linalg.inv(c)
-    mean = np.mean([h @ c_inv @ h for h in train])
-    return np.array([h @ c_inv @ h for h in query]) / mean
+def _leverage_reference(train: np.ndarray, query: np.ndarray, ridge: float,
+                        centred: bool = True) -> np.ndarray:
+    """Centred: d(h) = 1 + (h - mu)^T C^-1 (h - mu), C = S + ridge tr(S) / F I with mu, S the
+    training mean and (1/N) covariance; uncentred (0.2): d(h) = h^T C^-1 h with S = H^T H / N.
+    Returns d(query) / mean d(train)."""
+    mu = train.mean(0) if centred else np.zeros(train.shape[1])
+    spread = (train - mu).T @ (train - mu) / len(train)
+    c_inv = np.linalg.inv(spread + ridge * np.trace(spread) / len(spread) * np.eye(len(spread)))
+
+    def d(h):
+        return (1.0 if centred else 0.0) + (h - mu) @ c_inv @ (h - mu)
+
+    return np.array([d(h) for h in query]) / np.mean([d(h) for h in train])
 
 
-def test_distance_is_the_normalised_leverage():
+@pytest.mark.parametrize("centred", [True, False])
+def test_distance_is_the_normalised_leverage(centred):
     gen = np.random.default_rng(0)
     train = gen.normal(size=(300, 6)) @ gen.normal(size=(6, 6)) + 0.3
     query = np.concatenate([gen.normal(size=(20, 6)), 4.0 * train[:5]])
-    fd = FeatureDistance(6, ridge=1e-2)
+    fd = FeatureDistance(6, ridge=1e-2, centred=centred)
     np.testing.assert_array_equal(fd(torch.tensor(query)).numpy(), 1.0)  # not fitted: ones
-    assert fd.fit(torch.tensor(train[k:k + 64]) for k in range(0, 300, 64)) == 300
+    assert fd.fit((torch.tensor(train[k:k + 64]), None) for k in range(0, 300, 64)) == 300
     r = fd(torch.tensor(query)).numpy()
-    np.testing.assert_allclose(r, _leverage_reference(train, query, 1e-2), rtol=1e-10)
+    np.testing.assert_allclose(r, _leverage_reference(train, query, 1e-2, centred), rtol=1e-9)
     assert fd(torch.tensor(train)).numpy().mean() == pytest.approx(1.0, rel=1e-10)
-    # quadratic in the features: 4x the features of a training atom is 16x its distance
-    np.testing.assert_allclose(r[20:], 16 * fd(torch.tensor(train[:5])).numpy(), rtol=1e-10)
+    if not centred:  # quadratic in the features: 4x a training atom's features, 16x its distance
+        np.testing.assert_allclose(r[20:], 16 * fd(torch.tensor(train[:5])).numpy(), rtol=1e-10)
+
+
+def test_centred_distance_ignores_a_common_offset():
+    """The issue's toy case: a 5-sigma step along a low-variance direction. With a large common
+    offset of every feature the uncentred ridge (relative to |mu|^2) swamps that direction; the
+    centred distance does not see the offset at all."""
+    gen = np.random.default_rng(1)
+    scales = np.array([1.0, 1.0, 1.0, 0.1, 0.1, 0.1])
+    train = gen.normal(size=(2000, 6)) * scales
+    step = np.zeros(6)
+    step[3] = 5 * scales[3]
+    r = {}
+    for offset in (0.0, 30.0):
+        for centred in (True, False):
+            fd = FeatureDistance(6, ridge=1e-3, centred=centred)
+            fd.fit([(torch.tensor(train + offset), None)])
+            r[offset, centred] = float(fd(torch.tensor(step + offset)[None]))
+    assert r[0.0, True] == pytest.approx(r[30.0, True], rel=1e-6)  # offset-free
+    assert r[30.0, True] > 3.0  # (1 + 24) / (1 + 5.9): ~3.6
+    assert r[30.0, False] < 1.2 < r[0.0, False]  # the 0.2 design: the offset hides the step
+
+
+def test_per_element_distance_is_normalised_per_element():
+    gen = np.random.default_rng(2)
+    groups = np.where(np.arange(1000) < 10, 1, 0)  # a 1 % element with features of its own
+    train = gen.normal(size=(1000, 4))
+    train[groups == 1] = 5.0 + 0.1 * gen.normal(size=(10, 4))
+    query = np.concatenate([train[:3], train[995:], gen.normal(size=(3, 4)) * 2])
+    query_groups = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    fd = FeatureDistance(4, ridge=1e-3, num_groups=2)
+    fd.fit([(torch.tensor(train[:500]), torch.tensor(groups[:500])),
+            (torch.tensor(train[500:]), torch.tensor(groups[500:]))])
+    r = fd(torch.tensor(query), torch.tensor(query_groups)).numpy()
+    for g in (0, 1):
+        mine = groups == g
+        expected = _leverage_reference(train[mine], query[query_groups == g], 1e-3)
+        np.testing.assert_allclose(r[query_groups == g], expected, rtol=1e-9)
+        r_train = fd(torch.tensor(train[mine]), torch.tensor(groups[mine])).numpy()
+        assert r_train.mean() == pytest.approx(1.0, rel=1e-10)
+    pooled = FeatureDistance(4, ridge=1e-3)
+    pooled.fit([(torch.tensor(train), None)])
+    # pooled, the rare element's own atoms look far from the training data
+    assert pooled(torch.tensor(train[groups == 1])).numpy().mean() > 3.0
 
 
 def _model():

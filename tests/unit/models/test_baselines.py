@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats
+from scipy.stats import multivariate_normal
 
 import e2ip
 from e2ip.backbones.base import BackboneOutput
@@ -72,10 +74,10 @@ def graph(*structures: Structure):
     return graph_from_structures(list(structures), 4.0, torch.float64)
 
 
-def ensemble(m: int = 3, **kwargs) -> Ensemble:
+def ensemble(m: int = 3, head: str = "none", **kwargs) -> Ensemble:
     members = []
     for k in range(m):
-        member = small_model("none", seed=100 + k, energy_scale=0.7 + 0.1 * k,
+        member = small_model(head, seed=100 + k, energy_scale=0.7 + 0.1 * k,
                              reference_energies=[-0.5 - k, -1.0, -2.0 + 0.1 * k])
         members.append(member)
     return Ensemble(members, **kwargs)
@@ -339,16 +341,73 @@ def test_calibration_recovers_known_floor():
     assert s80 < s and gaussian_coverage(errors, u, s80**2) == pytest.approx(0.8, abs=1e-3)
 
 
-def test_ensemble_fit_calibration_on_structures():
+def test_ensemble_paper_floor_calibration_on_structures():
     ens = ensemble(3).eval()
+    ens.calibration_form = "paper_floor"
     val = [molecule(k) for k in range(4)]
     s2 = ens.calibrate(val)
     assert ens.calibrated and float(ens.calibration_variance) == pytest.approx(s2)
-    assert ens.calibration() == {"method": "variance_floor", "value": pytest.approx(s2)}
+    cal = ens.calibration()
+    assert cal["method"] == "variance_floor" and cal["value"] == pytest.approx(s2)
+    assert cal["epistemic_scale"] == 1.0
     raw = ens.predict(val, form="raw")
     errors = np.concatenate([s.forces for s in val]) - raw["forces"]
     assert gaussian_coverage(errors, raw["epistemic"], s2) >= 0.95
     assert gaussian_coverage(errors, raw["epistemic"], 0.98 * s2) < 0.95
+
+
+def _scipy_nll(errors, covariances) -> float:
+    return -float(np.mean([multivariate_normal(np.zeros(3), c).logpdf(e)
+                           for e, c in zip(errors, covariances)]))
+
+
+def _labelled_by(ens, structures, t_true: float, s2_true: float, seed: int = 0,
+                 aleatoric_scale: float = 0.0):
+    """The structures with forces drawn from N(mu, t U_epi + s^2 I + a U_ale) of the ensemble."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for structure in structures:
+        p = ens.predict([structure], form="raw")
+        cov = t_true * p["epistemic"] + s2_true * np.eye(3) + aleatoric_scale * p["aleatoric"]
+        noise = np.einsum("nij,nj->ni", np.linalg.cholesky(cov), rng.normal(size=(len(cov), 3)))
+        out.append(dataclasses.replace(structure, forces=p["forces"] + noise))
+    return out
+
+
+def test_ensemble_nll_calibration_on_structures_is_the_nll_minimum():
+    """The default 'cal' form N(mu, t U_epi + s^2 I): its NLL (scipy) at the fitted (s^2, t) is
+    below that of every nearby pair, and below the paper floor's."""
+    ens = ensemble(3).eval()
+    val = _labelled_by(ens, [molecule(k, n=12) for k in range(30)], 400.0, 1e-3)
+    s2 = ens.calibrate(val)
+    cal = ens.calibration()
+    assert cal["method"] == "nll_floor" and cal["value"] == pytest.approx(s2)
+    t = cal["epistemic_scale"]
+    raw, fitted = ens.predict(val, form="raw"), ens.predict(val, form="cal")
+    errors = np.concatenate([s.forces for s in val]) - raw["forces"]
+    np.testing.assert_allclose(fitted["predictive"], t * raw["epistemic"] + s2 * np.eye(3),
+                               rtol=1e-6)
+    best = _scipy_nll(errors, fitted["predictive"])
+    for ds, dt in [(1.1, 1), (0.9, 1), (1, 1.1), (1, 0.9)]:
+        assert best <= _scipy_nll(errors, dt * t * raw["epistemic"] + ds * s2 * np.eye(3)) + 1e-9
+    floor = fit_calibration_floor(errors, raw["epistemic"]) ** 2
+    assert best < _scipy_nll(errors, raw["epistemic"] + floor * np.eye(3))
+
+
+def test_heteroskedastic_ensemble_nll_calibration_scales_both_parts():
+    ens = ensemble(2, head="mve").eval()
+    val = _labelled_by(ens, [molecule(k, n=12) for k in range(30)], 400.0, 0.0,
+                       aleatoric_scale=0.5)
+    s = ens.calibrate(val)
+    t = ens.calibration()["epistemic_scale"]
+    raw, fitted = ens.predict(val, form="raw"), ens.predict(val, form="cal")
+    np.testing.assert_allclose(fitted["epistemic"], t * raw["epistemic"], rtol=1e-6)
+    np.testing.assert_allclose(fitted["aleatoric"], s * raw["aleatoric"], rtol=1e-6)
+    errors = np.concatenate([x.forces for x in val]) - raw["forces"]
+    best = _scipy_nll(errors, fitted["predictive"])
+    for ds, dt in [(1.1, 1), (0.9, 1), (1, 1.2), (1, 0.8)]:
+        cov = dt * t * raw["epistemic"] + ds * s * raw["aleatoric"]
+        assert best <= _scipy_nll(errors, cov) + 1e-9
 
 
 def test_ensemble_save_load_round_trip(tmp_path):

@@ -63,7 +63,7 @@ def test_heteroskedastic_ensemble_adds_member_variances_to_their_spread(tmp_path
     np.testing.assert_allclose(p["epistemic"], epistemic, rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(p["aleatoric"], aleatoric, rtol=1e-12)
     np.testing.assert_allclose(p["predictive"], epistemic + aleatoric, rtol=1e-10)
-    # calibration: one variance scale on both parts, recovered from draws of a scaled predictive
+    # calibration: t U_epi + s U_ale by NLL; s recovered from draws of a scaled predictive
     graph = graph_from_structures(read_structures(demo_data_path(test=True), index=":200"), 4.0,
                                   torch.float64)
     out = ensemble(graph, create_graph=False)
@@ -77,9 +77,11 @@ def test_heteroskedastic_ensemble_adds_member_variances_to_their_spread(tmp_path
             labelled.append(dataclasses.replace(s, forces=d[k:k + s.n_atoms].numpy()))
             k += s.n_atoms
     assert ensemble.calibrate(labelled, batch_size=200) == pytest.approx(2.5, rel=0.1)
+    t = ensemble.calibration()["epistemic_scale"]  # (these untrained members barely differ)
     cal = ensemble.predict(structures, form="cal")
     s = ensemble.calibration_value()
-    np.testing.assert_allclose(cal["predictive"], s * p["predictive"], rtol=1e-10)
+    np.testing.assert_allclose(cal["predictive"], s * p["aleatoric"] + t * p["epistemic"],
+                               rtol=1e-10)
     ensemble.save(tmp_path / "het.pt")
     again = load_model(tmp_path / "het.pt")
     assert again.label() == ensemble.label() and again.calibration_value() == s
@@ -109,7 +111,7 @@ def test_ensembles_of_full_uncertainty_heads_stay_the_papers_deep_ensemble():
     members = [PotentialModel(elements=[1, 6, 8], cutoff=4.0, backbone_options=SMALL).double()
                for _ in range(2)]
     ensemble = Ensemble(members)
-    assert not ensemble.heteroskedastic and ensemble.calibration_method == "variance_floor"
+    assert not ensemble.heteroskedastic and ensemble.calibration_method == "nll_floor"
     assert ensemble.can_batch() and ensemble.label() == "Ensemble x2 (painn)"
 
 

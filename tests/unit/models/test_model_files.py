@@ -70,14 +70,37 @@ def test_upgrades_reach_every_member_of_an_ensemble_and_keep_what_is_there():
                "state_dict": {"members.1.variance_scale": torch.tensor(2.5, dtype=torch.float64)}}
     upgrade_payload(payload)
     members = payload["spec"]["members"]
-    assert members[0]["head_options"] == {"evidence": "learned", "hidden": 8}
-    assert members[1]["head_options"] == {"evidence": "feature_distance"}  # kept
+    legacy_distance = {"feature_centred": False, "feature_per_element": False}  # version 4
+    assert members[0]["head_options"] == {"evidence": "learned", "hidden": 8, **legacy_distance}
+    assert members[1]["head_options"] == {"evidence": "feature_distance", **legacy_distance}
     assert "evidence" not in members[2]["head_options"]  # only the e2IP head has the option
     state = payload["state_dict"]
     assert float(state["members.1.variance_scale"]) == 2.5  # kept
     assert {f"members.{k}.{b}" for k in range(3) for b in ("variance_scale", "epistemic_scale")} \
         <= set(state)
     assert payload["version"] == MODEL_VERSION
+    assert payload["spec"]["calibration_form"] == "paper_floor"  # version 4: a plain ensemble
+
+
+def test_version_4_upgrade_keeps_what_older_files_predicted():
+    """A version-3 feature distance (one uncentred (F, F) whitening) becomes group 0 of the new
+    buffers with no centre and no intercept; a heteroskedastic ensemble's one scale becomes
+    t = s; a plain one keeps the paper's floor."""
+    w = torch.randn(4, 4, dtype=torch.float64)
+    single = {"version": 3, "kind": "model", "spec": {"head": "e2ip", "head_options": {}},
+              "state_dict": {"head.feature_distance.whitening": w}}
+    upgrade_payload(single)
+    state = single["state_dict"]
+    assert torch.equal(state["head.feature_distance.whitening"], w[None])
+    assert not state["head.feature_distance.center"].any()
+    assert not state["head.feature_distance.offset"].any()
+    assert single["spec"]["head_options"]["feature_centred"] is False
+    assert torch.isnan(state["uncertainty_threshold"])
+    het = {"version": 3, "kind": "ensemble", "spec": {"members": [{"head": "mve"}] * 2},
+           "state_dict": {"calibration_variance": torch.tensor(2.5, dtype=torch.float64)}}
+    upgrade_payload(het)
+    assert het["spec"]["calibration_form"] == "nll"
+    assert float(het["state_dict"]["epistemic_scale"]) == 2.5
 
 
 def test_the_format_does_not_change_without_a_version_bump():

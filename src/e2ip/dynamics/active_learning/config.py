@@ -24,7 +24,8 @@ class MDSettings:
     """MD that generates candidates: steps per trajectory, temperature (K), timestep (fs),
     ensemble (nve | langevin | nvt), friction (Langevin, 1/fs), interval (steps between candidate
     frames), trajectories (seed structures per round), max_uncertainty (eV/Å: end a trajectory
-    once the largest per-atom forces_uncertainty passes it; null: run all steps),
+    once the largest per-atom forces_uncertainty passes it; 'auto': the model's stored
+    stop_threshold; null: run all steps),
     bias_strength (eV) and bias_width (eV/Å) of uncertainty-driven dynamics (null: off)."""
 
     steps: int = 500
@@ -34,7 +35,7 @@ class MDSettings:
     friction: float = 0.01
     interval: int = 10
     trajectories: int = 4
-    max_uncertainty: float | None = None
+    max_uncertainty: float | str | None = None
     bias_strength: float | None = None
     bias_width: float = 0.05
 

@@ -172,6 +172,12 @@ def config_from_dict(raw: dict | None) -> Config:
     _validate_options(HEADS[m.head].Hyperparameters, cfg.head, "head.")
     if cfg.ensemble.size < 1:
         raise ConfigError(f"'ensemble.size' must be >= 1, got {cfg.ensemble.size}")
+    if cfg.ensemble.calibration not in ("nll", "paper_floor"):
+        raise ConfigError(f"'ensemble.calibration' must be nll or paper_floor, got "
+                          f"{cfg.ensemble.calibration!r}")
+    if cfg.ensemble.calibration == "paper_floor" and m.head != "none" and cfg.ensemble.size > 1:
+        raise ConfigError("'ensemble.calibration: paper_floor' is the paper's recipe for plain "
+                          "ensembles (model.head: none); use nll")
     if len(cfg.data.split) != 3:
         raise ConfigError(f"'data.split' must have 3 fractions (train, validation, test), "
                           f"got {cfg.data.split}")

@@ -141,6 +141,10 @@ class EnsembleConfig:
 
     #: Number of ensemble members (1: a single model).
     size: int = 1
+    #: Calibration of the ensemble's form 'cal': 'nll' (N(mu, t U_epi + s^2 I), t and s by the
+    #: NLL on the validation set; heteroskedastic: t U_epi + s U_ale) or 'paper_floor' (the
+    #: paper's t = 1 and s^2 chosen for Coverage@95 = 0.95; plain ensembles only).
+    calibration: str = "nll"
 
 
 @dataclass
