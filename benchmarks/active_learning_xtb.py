@@ -16,6 +16,8 @@ ensemble-selected frames, and what uncertainty-aware and uncertainty-driven MD d
    spread, model force error against xTB, descriptor spread).
 
     python benchmarks/active_learning_xtb.py [--phases data,al,stop,bias,stop_fd,calm,calm_fd] [--seeds 3]
+    python benchmarks/active_learning_xtb.py --phases data,al_fd \
+        --results benchmarks/results/active_learning_fd_xtb.json       # issue 25
 """
 
 from __future__ import annotations
@@ -78,7 +80,11 @@ def make_data(out: Path) -> None:
     print(f"reference data: {time.perf_counter() - t0:.0f} s of GFN2-xTB MD")
 
 
-def run_al(out: Path, seeds: int) -> dict:
+def run_al(out: Path, seeds: int, md_temperature: float = 500, stop: str | None = None,
+           tag: str = "") -> dict:
+    """The three strategies, `seeds` seeds each; candidates from model MD at `md_temperature`
+    (K), each trajectory ended once the largest forces_uncertainty passes `stop` (None: never;
+    'auto': the model's stored stop_threshold). Runs go to out/<tag><strategy>_seed<k>."""
     from e2ip.dynamics.active_learning.config import load_al_config
     from e2ip.dynamics.active_learning.loop import run_active_learning
 
@@ -95,14 +101,15 @@ def run_al(out: Path, seeds: int) -> dict:
                 f"test=['{out / 'test_300K.extxyz'}', '{out / 'test_600K.extxyz'}']",
                 "oracle=xtb", "rounds=5", "per_round=10", f"seed={seed}", "workers=0",
                 "selection=" + ("random" if strategy == "random" else "uncertainty"),
-                "md.steps=400", "md.temperature=500", "md.interval=10", "md.trajectories=4",
-                f"training={json.dumps(training)}"])
+                "md.steps=400", f"md.temperature={md_temperature}", "md.interval=10",
+                "md.trajectories=4", f"training={json.dumps(training)}",
+                *([f"md.max_uncertainty={stop}"] if stop else [])])
             t0 = time.perf_counter()
-            run_active_learning(cfg, out / f"{strategy}_seed{seed}")
+            run = out / f"{tag}{strategy}_seed{seed}"
+            run_active_learning(cfg, run)
             rows = []
             for r in range(6):
-                ev = json.loads((out / f"{strategy}_seed{seed}/round_{r:02d}/evaluation.json")
-                                .read_text())
+                ev = json.loads((run / f"round_{r:02d}/evaluation.json").read_text())
                 rows.append({"labelled": ev["labelled"], "mae_300K": ev["test_300K"]["force_mae"],
                              "mae_600K": ev["test_600K"]["force_mae"]})
             curves[f"{strategy}_seed{seed}"] = {"rows": rows,
@@ -269,7 +276,10 @@ def main() -> None:
     for phase, fn in (("al", run_al), ("stop", run_stop), ("bias", run_bias),
                       ("stop_fd", lambda o, n: run_stop(o, n, "feature_distance")),
                       ("calm", lambda o, n: run_stop(o, n, temperature=300, steps=2000)),
-                      ("calm_fd", lambda o, n: run_stop(o, n, "feature_distance", 300, 2000))):
+                      ("calm_fd", lambda o, n: run_stop(o, n, "feature_distance", 300, 2000)),
+                      # issue 25: the feature-distance default selecting, candidates from MD at
+                      # the shifted test's 600 K stopped at the model's stored threshold
+                      ("al_fd", lambda o, n: run_al(o, n, 600, "auto", "fd600_"))):
         if phase in phases:
             t0 = time.perf_counter()
             results[phase] = fn(out, args.seeds)

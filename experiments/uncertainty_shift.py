@@ -93,7 +93,7 @@ def train(dataset: str, seeds: list[int], methods: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["train", "report", "timing"])
+    parser.add_argument("action", choices=["train", "report", "timing", "markdown"])
     parser.add_argument("--dataset", choices=DATASETS, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(TRAINED), choices=list(TRAINED))
@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.action == "train":
         train(args.dataset, args.seeds, args.methods)
+    elif args.action == "markdown":  # the report's tables again from its JSON
+        from report_shift import rewrite_markdown
+
+        rewrite_markdown(args.dataset)
     elif args.action == "timing":  # alone on the machine: the report's cost table
         from report_shift import update_timing
 

@@ -148,12 +148,15 @@ def run_md(atoms: Atoms, model, *, steps: int = 1000, temperature_K: float = 300
            on_exceed: str = "stop", bias: UncertaintyBias | None = None,
            out: str | Path | None = None, log_interval: int = 1, traj_interval: int = 10,
            save_interval: int = 10, seed: int = 0, device: str = "cpu", skin: float = 1.0,
-           keep_frames: bool = False, progress: bool = True) -> MDResult:
+           keep_frames: bool = False, progress: bool = True,
+           check_from_step: int = 0) -> MDResult:
     """Run MD from `atoms` (a copy is used) with a model (file, run folder, Potential or an
     E2IPCalculator). Velocities are drawn at `temperature_K` unless `atoms` has momenta.
     save_interval: with on_exceed='save', at least this many steps between saved frames.
     keep_frames: also return the trajectory frames in memory (`MDResult.frames`).
-    max_uncertainty: eV/Å, or "auto": the model's stored `stop_threshold` (form "cal")."""
+    max_uncertainty: eV/Å, or "auto": the model's stored `stop_threshold` (form "cal").
+    check_from_step: the first step compared with the threshold (1: not the start structure,
+    e.g. an already labelled one in active learning)."""
     if on_exceed not in ON_EXCEED:
         raise ConfigError(f"on_exceed must be one of {', '.join(ON_EXCEED)}, got {on_exceed!r}")
     if steps < 0 or log_interval < 1 or traj_interval < 1 or save_interval < 1:
@@ -211,7 +214,8 @@ def run_md(atoms: Atoms, model, *, steps: int = 1000, temperature_K: float = 300
                     writer.trajectory(frame)
                 if keep_frames:
                     frames.append(frame)
-            over = max_uncertainty is not None and top > max_uncertainty
+            over = (max_uncertainty is not None and top > max_uncertainty
+                    and step >= check_from_step)
             if over:
                 if keep_frames and frame is None:  # the frame that passed is always kept
                     frame = _frame(atoms, results, step, time_fs)

@@ -205,6 +205,8 @@ def test_oracle_failures_are_reported_not_raised():
     (["train=/no/such/file.xyz"], "not found"),
     (["oracle=json:loads", "oracle_options={bad: 1}"], "cannot be built"),
     (["md.temperature=0"], "md.temperature"),
+    (["md.max_uncertainty=autox"], "md.max_uncertainty"),
+    (["md.max_uncertainty=-1"], "md.max_uncertainty"),
 ])
 def test_config_errors_are_one_line(emt_data, override, message):
     train, _ = emt_data

@@ -97,6 +97,10 @@ def test_threshold_stops_on_a_stretched_bond_and_not_in_distribution(trained, tm
     saved = read(tmp_path / "stop/exceeded.extxyz", index=":")
     assert len(saved) == 1
     np.testing.assert_allclose(saved[0].positions, ood.positions)
+    # active learning starts from labelled structures: the check begins at step 1
+    later = run_md(ood, trained, steps=3, temperature_K=30, max_uncertainty=threshold,
+                   progress=False, keep_frames=True, check_from_step=1)
+    assert later.first_exceeded_step == 1 and later.frames[-1].info["step"] == 1
 
 
 def test_on_exceed_save_continues_and_spaces_saved_frames(trained, tmp_path):
@@ -168,3 +172,34 @@ def test_md_refuses_a_threshold_without_uncertainty(tmp_path):
     plain = PotentialModel(elements=[1, 6, 8], cutoff=4.0, head="none")
     with pytest.raises(ConfigError, match="uncertainty"):
         run_md(ethanol(), plain, steps=2, max_uncertainty=0.1, progress=False)
+
+
+def test_auto_threshold_is_the_stored_quantile_of_the_calibration_maxima(trained, tmp_path):
+    """calibrate() stores the 0.99 quantile (numpy's, linear) over structures of the largest
+    per-atom forces_uncertainty sqrt(tr U_epi / 3) in the form cal; MD's 'auto' uses it."""
+    from e2ip.errors import ConfigError
+    from e2ip.models.io import load_model
+    from e2ip.models.potential import THRESHOLD_QUANTILE
+
+    model = load_model(trained)
+    frames = read_structures(REPO / DEMO_TEST, index=":60")
+    model.calibrate(frames)
+    p = model.predict(frames, form="cal")
+    bounds = np.cumsum([0] + [s.n_atoms for s in frames])
+    top = [np.sqrt(p["u_epi"][a:b] / 3).max() for a, b in zip(bounds[:-1], bounds[1:])]
+    assert THRESHOLD_QUANTILE == 0.99
+    assert model.stop_threshold == pytest.approx(np.quantile(top, 0.99), rel=1e-6)
+    assert model.calibration()["stop_threshold"] == model.stop_threshold
+    model.save(tmp_path / "m.pt")
+    run = run_md(ethanol(), tmp_path / "m.pt", steps=3, temperature_K=30,
+                 max_uncertainty="auto", progress=False)
+    assert run.threshold == pytest.approx(model.stop_threshold)
+    with pytest.raises(ConfigError, match="form 'cal'"):
+        run_md(ethanol(), E2IPCalculator(tmp_path / "m.pt", form="raw"), steps=1,
+               max_uncertainty="auto", progress=False)
+    model.uncertainty_threshold.fill_(float("nan"))  # as a file written before 0.3
+    with pytest.raises(ConfigError, match="stores no threshold"):
+        run_md(ethanol(), model, steps=1, max_uncertainty="auto", progress=False)
+    assert main(["md", str(tmp_path / "m.pt"), "--structure", str(REPO / DEMO_TEST),
+                 "--steps", "2", "--max-uncertainty", "auto", "--out", str(tmp_path / "md"),
+                 "--no-progress"]) == 0

@@ -109,6 +109,11 @@ def _check(cfg: ALConfig) -> None:
         raise ConfigError("'md.temperature' and 'md.timestep' must be > 0, 'md.friction' >= 0")
     if md.steps < 1 or md.interval < 1 or md.trajectories < 1:
         raise ConfigError("'md.steps', 'md.interval' and 'md.trajectories' must be >= 1")
+    threshold = md.max_uncertainty
+    if threshold is not None and threshold != "auto" and (
+            isinstance(threshold, (bool, str)) or not threshold > 0):
+        raise ConfigError(f"'md.max_uncertainty' must be a number > 0 (eV/Å), 'auto' or null, "
+                          f"got {threshold!r}")
     if md.bias_strength is not None and (md.bias_strength <= 0 or md.bias_width <= 0):
         raise ConfigError("'md.bias_strength' and 'md.bias_width' must be > 0")
     if not isinstance(cfg.training, dict) or not isinstance(cfg.finetune, dict):

@@ -202,7 +202,8 @@ def _sample(cfg: ALConfig, rnd: _Round, model_path: Path, seeds: list[Atoms]) ->
                         timestep_fs=md.timestep, ensemble=md.ensemble,
                         friction_per_fs=md.friction, max_uncertainty=md.max_uncertainty,
                         traj_interval=md.interval, seed=int(rng.integers(2**31)) + k,
-                        keep_frames=True, progress=False)
+                        keep_frames=True, progress=False,
+                        check_from_step=1)  # the seed is labelled: never stop on it
         for f in result.frames[1:]:  # frame 0 is the (already labelled) seed itself
             f.info["trajectory"] = k
             frames.append(f)
