@@ -18,6 +18,12 @@ ensemble-selected frames, and what uncertainty-aware and uncertainty-driven MD d
     python benchmarks/active_learning_xtb.py [--phases data,al,stop,bias,stop_fd,calm,calm_fd] [--seeds 3]
     python benchmarks/active_learning_xtb.py --phases data,al_fd \
         --results benchmarks/results/active_learning_fd_xtb.json       # issue 25
+    python benchmarks/active_learning_xtb.py --phases al_plain \
+        --results benchmarks/results/active_learning_fd_xtb.json
+    python benchmarks/active_learning_xtb.py --phases data,al_fd16 \
+        --results benchmarks/results/active_learning_fd_xtb.json
+    python benchmarks/active_learning_xtb.py --phases data,threshold_auto \
+        --results benchmarks/results/md_threshold_auto_xtb.json
 """
 
 from __future__ import annotations
@@ -81,15 +87,15 @@ def make_data(out: Path) -> None:
 
 
 def run_al(out: Path, seeds: int, md_temperature: float = 500, stop: str | None = None,
-           tag: str = "") -> dict:
-    """The three strategies, `seeds` seeds each; candidates from model MD at `md_temperature`
-    (K), each trajectory ended once the largest forces_uncertainty passes `stop` (None: never;
-    'auto': the model's stored stop_threshold). Runs go to out/<tag><strategy>_seed<k>."""
+           tag: str = "", strategies: tuple[str, ...] = STRATEGIES, trajectories: int = 4) -> dict:
+    """The three strategies, `seeds` seeds each; candidates from `trajectories` model-MD runs at
+    `md_temperature` (K), each ended once the largest forces_uncertainty passes `stop` (None:
+    never; 'auto': the model's stored stop_threshold). Runs go to out/<tag><strategy>_seed<k>."""
     from e2ip.dynamics.active_learning.config import load_al_config
     from e2ip.dynamics.active_learning.loop import run_active_learning
 
     curves = {}
-    for strategy in STRATEGIES:
+    for strategy in strategies:
         for seed in range(seeds):
             training = json.loads(json.dumps(MODEL))
             if strategy == "ensemble":
@@ -102,7 +108,7 @@ def run_al(out: Path, seeds: int, md_temperature: float = 500, stop: str | None 
                 "oracle=xtb", "rounds=5", "per_round=10", f"seed={seed}", "workers=0",
                 "selection=" + ("random" if strategy == "random" else "uncertainty"),
                 "md.steps=400", f"md.temperature={md_temperature}", "md.interval=10",
-                "md.trajectories=4", f"training={json.dumps(training)}",
+                f"md.trajectories={trajectories}", f"training={json.dumps(training)}",
                 *([f"md.max_uncertainty={stop}"] if stop else [])])
             t0 = time.perf_counter()
             run = out / f"{tag}{strategy}_seed{seed}"
@@ -167,14 +173,46 @@ def with_feature_distance(model: Path) -> Path:
 MULTIPLES = (1.5, 2.0, 3.0)  # thresholds recorded, x the training maximum (3x: `first_exceed`)
 
 
+def watch_md(model: Path, start, temperature: float, steps: int, rng_seed: int,
+             thresholds: dict[str, float]) -> dict:
+    """Langevin MD of `start` with `model` at `temperature` (K) for at most `steps` steps of
+    0.5 fs: the first step and the number of steps the largest per-atom forces_uncertainty
+    passed each of `thresholds` (eV/Å), the peak, and the blow-up step (None: none), checked
+    every 10 steps."""
+    from e2ip.integrations.ase_calculator import E2IPCalculator
+
+    atoms = start.copy()
+    atoms.calc = E2IPCalculator(model)
+    pairs = bonds(atoms)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature,
+                                 rng=np.random.default_rng(rng_seed))
+    dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=temperature,
+                   friction=0.02 / units.fs, fixcm=False, rng=np.random.default_rng(rng_seed))
+    blow_up, peak = None, 0.0
+    first = dict.fromkeys(thresholds)
+    above = dict.fromkeys(thresholds, 0)
+    for _ in dyn.irun(steps):
+        step = dyn.nsteps
+        u = float(atoms.calc.results["forces_uncertainty"].max())
+        peak = max(peak, u)
+        for name, value in thresholds.items():
+            if u > value:
+                above[name] += 1
+                if first[name] is None:
+                    first[name] = step
+        if step % 10 == 0 and blown_up(atoms, pairs, atoms.calc.results["forces"]):
+            blow_up = step
+            break
+    return {"steps": dyn.nsteps, "blow_up": blow_up, "peak": peak, "first": first,
+            "steps_above": above}
+
+
 def run_stop(out: Path, seeds: int, evidence: str = "learned", temperature: float = 1200,
              steps: int = 3000) -> dict:
     """Uncertainty-aware MD with the round-0 e2IP models (as trained, or switched to the
     feature-distance evidence): at 1200 K, does the uncertainty pass the threshold before the
     blow-up; at 300 K (phases calm, calm_fd), how often does it pass it where nothing blows up
     (false alarms)."""
-    from e2ip.integrations.ase_calculator import E2IPCalculator
-
     train = read(out / "train_300K.extxyz", index=":")
     rows = []
     for seed in range(seeds):
@@ -183,36 +221,49 @@ def run_stop(out: Path, seeds: int, evidence: str = "learned", temperature: floa
             model = with_feature_distance(model)
         threshold = 3 * max(float(u.max()) for u in per_atom_uncertainties(model, train))
         for run in range(5):
-            atoms = train[run].copy()
-            atoms.calc = E2IPCalculator(model)
-            pairs = bonds(atoms)
-            MaxwellBoltzmannDistribution(atoms, temperature_K=temperature,
-                                         rng=np.random.default_rng(100 * seed + run))
-            dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=temperature,
-                           friction=0.02 / units.fs, fixcm=False,
-                           rng=np.random.default_rng(100 * seed + run))
-            blow_up, peak = None, 0.0
-            first = dict.fromkeys(MULTIPLES)  # first step past k x the training maximum
-            above = dict.fromkeys(MULTIPLES, 0)  # steps past k x the training maximum
-            for _ in dyn.irun(steps):
-                step = dyn.nsteps
-                u = float(atoms.calc.results["forces_uncertainty"].max())
-                peak = max(peak, u)
-                for k in MULTIPLES:
-                    if u > k / 3 * threshold:
-                        above[k] += 1
-                        if first[k] is None:
-                            first[k] = step
-                if step % 10 == 0 and blown_up(atoms, pairs, atoms.calc.results["forces"]):
-                    blow_up = step
-                    break
+            md = watch_md(model, train[run], temperature, steps, 100 * seed + run,
+                          {k: k / 3 * threshold for k in MULTIPLES})
             rows.append({"seed": seed, "run": run, "threshold": threshold,
-                         "temperature_K": temperature, "steps": dyn.nsteps,
-                         "first_exceed": first[3.0], "blow_up": blow_up,
-                         "max_uncertainty_over_threshold": peak / threshold,
-                         "first_exceed_lower": {str(k): first[k] for k in MULTIPLES[:-1]},
-                         "steps_above": {str(k): v for k, v in above.items()}})
+                         "temperature_K": temperature, "steps": md["steps"],
+                         "first_exceed": md["first"][3.0], "blow_up": md["blow_up"],
+                         "max_uncertainty_over_threshold": md["peak"] / threshold,
+                         "first_exceed_lower": {str(k): md["first"][k] for k in MULTIPLES[:-1]},
+                         "steps_above": {str(k): v for k, v in md["steps_above"].items()}})
             print(rows[-1], flush=True)
+    return {"runs": rows}
+
+
+def run_threshold_auto(out: Path, seeds: int, runs: int = 5) -> dict:
+    """The stored stop threshold (`max_uncertainty: auto`, the 0.99 quantile fixed before these
+    runs) on fresh runs: round-0 models with the default evidence trained here (new folders,
+    `r0_seed<k>`), then 1200 K MD (warned before the blow-up?) and 1 ps at 300 K (false alarms),
+    from MD seeds no earlier phase used."""
+    from e2ip.dynamics.active_learning.config import load_al_config
+    from e2ip.dynamics.active_learning.loop import run_active_learning
+    from e2ip.models.io import load_model
+
+    train = read(out / "train_300K.extxyz", index=":")
+    rows = []
+    for seed in range(seeds):
+        run_dir = out / f"r0_seed{seed}"
+        cfg = load_al_config(None, [
+            f"train={out / 'train_300K.extxyz'}", "oracle=xtb", "rounds=0", f"seed={seed}",
+            "workers=0", f"training={json.dumps(MODEL)}"])
+        run_active_learning(cfg, run_dir)
+        model = run_dir / "round_00/model/model.pt"
+        threshold = load_model(model).stop_threshold
+        train_max = max(float(u.max()) for u in per_atom_uncertainties(model, train))
+        for temperature, steps in ((1200, 3000), (300, 2000)):
+            for run in range(runs):
+                md = watch_md(model, train[10 + run], temperature, steps,
+                              10_000 + 100 * seed + run, {"auto": threshold})
+                rows.append({"seed": seed, "run": run, "temperature_K": temperature,
+                             "threshold": threshold, "train_max": train_max,
+                             "steps": md["steps"], "blow_up": md["blow_up"],
+                             "first_exceed": md["first"]["auto"],
+                             "steps_above": md["steps_above"]["auto"],
+                             "peak_over_threshold": md["peak"] / threshold})
+                print(rows[-1], flush=True)
     return {"runs": rows}
 
 
@@ -279,7 +330,15 @@ def main() -> None:
                       ("calm_fd", lambda o, n: run_stop(o, n, "feature_distance", 300, 2000)),
                       # issue 25: the feature-distance default selecting, candidates from MD at
                       # the shifted test's 600 K stopped at the model's stored threshold
-                      ("al_fd", lambda o, n: run_al(o, n, 600, "auto", "fd600_"))):
+                      ("al_fd", lambda o, n: run_al(o, n, 600, "auto", "fd600_")),
+                      # candidates from plain 600 K MD (no stop): all three selections
+                      ("al_plain", lambda o, n: run_al(o, n, 600, None, "plain600_")),
+                      # stop-MD with 4x the trajectories: a pool several times larger than a
+                      # round's 10 labels even where trajectories stop early
+                      ("al_fd16", lambda o, n: run_al(o, n, 600, "auto", "fd600x16_",
+                                                      trajectories=16)),
+                      # the stored stop threshold on fresh runs (models and MD seeds)
+                      ("threshold_auto", run_threshold_auto)):
         if phase in phases:
             t0 = time.perf_counter()
             results[phase] = fn(out, args.seeds)

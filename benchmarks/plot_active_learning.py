@@ -3,10 +3,18 @@ frames per strategy (mean ± std over seeds), 300 K and 600 K test sets ->
 docs/active_learning_xtb.png, and print a markdown table.
 
     python benchmarks/plot_active_learning.py
+    python benchmarks/plot_active_learning.py --results benchmarks/results/active_learning_fd_xtb.json \
+        --phases al_fd al_plain --png docs/active_learning_fd_xtb.png \
+        --json benchmarks/results/active_learning_fd_curves.json
+
+`--results` reads the curves from a benchmark results file (its phases' rows) instead of the run
+folders; the x axis is the mean number of labelled frames over the seeds (uncertainty-stopped MD
+can leave a round with fewer candidates than it asks for, so the seeds' counts may differ).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -17,14 +25,27 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = ("e2ip", "random", "ensemble")
 LABELS = {"e2ip": "e2IP-selected", "random": "random (e2IP model)",
-          "ensemble": "ensemble-selected (5 members)"}
+          "ensemble": "ensemble-selected (5 members)",
+          "fd600_e2ip": "e2IP-FD-selected, stop-MD", "fd600_random": "random, same stop-MD",
+          "fd600_ensemble": "ensemble-selected, stop-MD",
+          "plain600_random": "random, plain MD (no uncertainty)",
+          "al_fd/e2ip": "e2IP-FD-selected (stop-MD pool)", "al_fd/random": "random (stop-MD pool)",
+          "al_fd/ensemble": "ensemble-selected (its stop-MD pool)",
+          "al_plain/e2ip": "e2IP-FD-selected (plain-MD pool)",
+          "al_plain/random": "random (plain-MD pool)",
+          "al_plain/ensemble": "ensemble-selected (plain-MD pool)"}
 
 
-def curves(runs_dir: Path) -> dict:
-    """{strategy: [rows per seed]} from the finished runs' round_*/evaluation.json files."""
+def curves(runs_dir: Path, prefixes: list[str] | None = None) -> dict:
+    """{strategy: [rows per seed]} from the finished runs' round_*/evaluation.json files (runs
+    whose names start with one of `prefixes`; None: those without a prefix)."""
     out = {}
     for run in sorted(runs_dir.glob("*_seed*")):
+        name = run.name.rsplit("_seed", 1)[0]
+        if not (name.startswith(tuple(prefixes)) if prefixes else name in STRATEGIES):
+            continue
         files = sorted(run.glob("round_*/evaluation.json"))
         if len(files) < 6:
             continue  # unfinished
@@ -33,28 +54,48 @@ def curves(runs_dir: Path) -> dict:
             ev = json.loads(f.read_text())
             rows.append({"labelled": ev["labelled"], "mae_300K": ev["test_300K"]["force_mae"],
                          "mae_600K": ev["test_600K"]["force_mae"]})
-        out.setdefault(run.name.rsplit("_seed", 1)[0], []).append(rows)
+        out.setdefault(name, []).append(rows)
+    return out
+
+
+def curves_from_results(path: Path, phases: list[str]) -> dict:
+    """{phase/strategy: [rows per seed]} from a benchmark results file (active_learning_xtb.py)."""
+    results = json.loads(path.read_text())
+    out = {}
+    for phase in phases:
+        for run, record in results[phase].items():
+            if isinstance(record, dict) and "rows" in record:
+                out.setdefault(f"{phase}/{run.rsplit('_seed', 1)[0]}", []).append(record["rows"])
     return out
 
 
 def main() -> None:
-    data = curves(ROOT / "benchmarks/runs/al_xtb")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prefix", nargs="+", default=None, help="run-name prefixes to plot")
+    ap.add_argument("--png", default="docs/active_learning_xtb.png")
+    ap.add_argument("--json", default="benchmarks/results/active_learning_curves.json")
+    ap.add_argument("--results", default=None, help="read the curves from this results file")
+    ap.add_argument("--phases", nargs="+", default=["al_fd"], help="its phases to plot")
+    args = ap.parse_args()
+    data = (curves_from_results(ROOT / args.results, args.phases) if args.results
+            else curves(ROOT / "benchmarks/runs/al_xtb", args.prefix))
     summary = {k: v for k, v in data.items()}
-    (ROOT / "benchmarks/results/active_learning_curves.json").write_text(json.dumps(summary,
-                                                                                  indent=1))
+    (ROOT / args.json).write_text(json.dumps(summary, indent=1))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=False)
-    lines = ["| strategy | seeds | " + " | ".join(
-        f"{t} MAE @ {n} frames" for t in ("300 K", "600 K") for n in (51, 101)) + " |",
-        "|---|---|---|---|---|---|"]
+    lines = ["| strategy | seeds | labelled (last round) | " + " | ".join(
+        f"{t} MAE first / last round" for t in ("300 K", "600 K")) + " |", "|---|---|---|---|---|"]
     for strategy, runs in data.items():
-        labelled = np.array([r["labelled"] for r in runs[0]])
-        row = [LABELS.get(strategy, strategy), str(len(runs))]
+        runs = [rows for rows in runs if len(rows) == len(runs[0])]
+        labelled = np.array([[r["labelled"] for r in rows] for rows in runs]).mean(0)
+        last = [rows[-1]["labelled"] for rows in runs]
+        row = [LABELS.get(strategy, strategy), str(len(runs)),
+               f"{np.mean(last):.0f} ({min(last)}-{max(last)})"]
         for ax, key in zip(axes, ("mae_300K", "mae_600K")):
             mae = 1000 * np.array([[r[key] for r in rows] for rows in runs])  # meV/Å
             mean, std = mae.mean(0), mae.std(0)
             ax.errorbar(labelled, mean, yerr=std, marker="o", capsize=3,
                         label=LABELS.get(strategy, strategy))
-            row += [f"{mean[0]:.0f} ± {std[0]:.0f}", f"{mean[-1]:.0f} ± {std[-1]:.0f}"]
+            row.append(f"{mean[0]:.0f} ± {std[0]:.0f} / {mean[-1]:.0f} ± {std[-1]:.0f}")
         lines.append("| " + " | ".join(row) + " |")
     for ax, title in zip(axes, ("held-out 300 K MD", "held-out 600 K MD")):
         ax.set_xlabel("labelled frames (GFN2-xTB)")
@@ -64,9 +105,9 @@ def main() -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle("Active learning on ethanol (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(ROOT / "docs/active_learning_xtb.png", dpi=120)
+    fig.savefig(ROOT / args.png, dpi=120)
     print("\n".join(lines))
-    print("written docs/active_learning_xtb.png")
+    print(f"written {args.png}")
 
 
 if __name__ == "__main__":

@@ -247,6 +247,43 @@ def report(dataset: str, seeds: list[int], timing: bool = False) -> None:
     print(f"written {stem}.json and .md")
 
 
+def summary_table(results: dict) -> str:
+    """The issue-25 summary: per method (form cal, raw in brackets where reported) the
+    in-distribution CE and NLL, and per shifted set Cov@95, CE, per-structure Spearman and
+    shift AUC (mean ± std over seeds)."""
+    reference, *shifted = results["sets"]
+    labelled = [n for n in shifted if any(r.get("coverage_95") is not None
+                                          for rows in results["rows"].values()
+                                          for r in rows.get(n, []))]
+    head = ["method", "ID CE", "ID NLL"]
+    for name in shifted:
+        short = name.split(" (")[0]
+        head += ([f"{short} Cov@95", f"{short} CE", f"{short} ρ struct"]
+                 if name in labelled else []) + [f"{short} AUC shift"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(label: str, name: str, key: str, digits: int | None = None) -> str:
+        value = mean_std([r.get(key) for r in results["rows"].get(label, {}).get(name, [])],
+                         digits)
+        raw = results["rows"].get(label.replace("(cal)", "(raw)"), {}).get(name, [])
+        if label.endswith("(cal)") and key in ("coverage_95", "calibration_error") and raw:
+            value += f" ({mean_std([r.get(key) for r in raw], digits)})"
+        return value
+
+    for label in results["rows"]:
+        if label.endswith("(raw)"):
+            continue
+        row = [label.removesuffix(" (cal)"), cell(label, reference, "calibration_error"),
+               cell(label, reference, "nll")]
+        for name in shifted:
+            if name in labelled:
+                row += [cell(label, name, "coverage_95"), cell(label, name, "calibration_error"),
+                        cell(label, name, "spearman_per_structure")]
+            row.append(cell(label, name, "auc_reference"))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def rewrite_markdown(dataset: str) -> None:
     """The .md of a report again from its .json (the first set is the in-distribution one)."""
     stem = RESULTS / f"uncertainty_shift_{dataset}"
@@ -297,7 +334,7 @@ def markdown(results: dict, sets: dict, reference: str) -> str:
             runs = per_set.get(name, [])
             if not runs:
                 continue
-            cells = [mean_std([r[k] for r in runs]) for k in keys]
+            cells = [mean_std([r.get(k) for r in runs]) for k in keys]
             if all(c == "" for c in cells):
                 continue
             lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
@@ -328,8 +365,9 @@ def markdown(results: dict, sets: dict, reference: str) -> str:
                   f"{mean_std([x['mean_kappa'] for x in k])}; Spearman(u_epi, u_ale) = "
                   f"{mean_std([x['spearman_u_epi_u_ale'] for x in k])}.", ""]
     lines += ["## Cost", "", "Training seconds over the runs timed from start to end (a resumed run "
-              "is left out).", "", "| method | training s (1 thread) | inference ms/atom |",
-              "|---|---|---|"]
+              "is left out; an ensemble's members trained as separate jobs are summed).",
+              *([results["train_note"]] if results.get("train_note") else []), "",
+              "| method | training s | inference ms/atom (1 thread) |", "|---|---|---|"]
     timing = results.get("time_per_atom_ms") or {}
     for method, secs in results["train_seconds"].items():
         lines.append(f"| {method} | {mean_std(secs)} | "

@@ -67,6 +67,10 @@ def prepared(config: Path):
 def train_seconds(out: Path) -> float | None:
     """The seconds a run trained, None if unknown (a resumed run timed only its last part)."""
     path = out / "train_seconds.json"
+    members = sorted(out.glob("member_*/train_seconds.json"))
+    if members:  # members trained as separate jobs (parallel_train.py): their sum
+        seconds = [train_seconds(m.parent) for m in members]
+        return None if None in seconds else float(sum(seconds))
     if not path.exists():
         return None
     record = json.loads(path.read_text())

@@ -93,7 +93,7 @@ def train(dataset: str, seeds: list[int], methods: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["train", "report", "timing", "markdown"])
+    parser.add_argument("action", choices=["train", "report", "timing", "markdown", "summary"])
     parser.add_argument("--dataset", choices=DATASETS, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(TRAINED), choices=list(TRAINED))
@@ -106,6 +106,14 @@ def main(argv: list[str] | None = None) -> None:
         from report_shift import rewrite_markdown
 
         rewrite_markdown(args.dataset)
+    elif args.action == "summary":  # one compact table (form cal, raw in brackets)
+        import json
+
+        from report_shift import summary_table
+        from runner import RESULTS
+
+        print(summary_table(json.loads(
+            (RESULTS / f"uncertainty_shift_{args.dataset}.json").read_text())))
     elif args.action == "timing":  # alone on the machine: the report's cost table
         from report_shift import update_timing
 

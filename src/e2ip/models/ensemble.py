@@ -297,7 +297,7 @@ class Ensemble(Potential):
             positions = graph.positions.to(dtype).detach().requires_grad_(True)
             graph = AtomicGraph(**{**graph.__dict__, "positions": positions})
             out = self.forward(graph, create_graph=True)
-            u_epi = trace(self.epistemic(out["params"]["member_forces"]))
+            u_epi = trace(self.covariances(out["params"], None, bias.form)["epistemic"])
             bias_energy = bias.energy(u_epi, graph.batch, graph.n_atoms, graph.num_graphs)
             (grad,) = torch.autograd.grad(bias_energy.sum(), positions, create_graph=create_graph)
         out["forces"] = out["forces"] - grad

@@ -252,6 +252,24 @@ def test_biased_ensemble_on_a_periodic_cell_gives_forces_and_refuses_only_stress
         atoms.get_stress()
 
 
+def test_biased_calibrated_ensemble_follows_its_calibrated_epistemic_part():
+    """Form 'cal' of an ensemble with t = 3: the bias reads t x the members' spread
+    (reference: the member forces evaluated one by one, numpy covariance)."""
+    model = ensemble()
+    model.epistemic_scale.fill_(3.0)
+    model.set_calibration_variance(1e-3)
+    atoms = molecule(2)
+    members = np.stack([m.predict(atoms)["forces"] for m in model.members])  # (M, N, 3)
+    tr = np.array([np.trace(np.cov(members[:, i, :].T, bias=True)) for i in range(len(atoms))])
+    strength, width = 0.3, 0.05
+    expected = {form: strength * (np.exp(-(t * tr).sum() / (3 * len(atoms)) / width**2) - 1)
+                for form, t in (("cal", 3.0), ("raw", 1.0))}
+    for form in ("cal", "raw"):
+        calc = E2IPCalculator(model, bias=UncertaintyBias(strength, width, form=form))
+        calc.calculate(atoms.copy(), ["energy", "forces"])
+        np.testing.assert_allclose(calc.results["bias_energy"], expected[form], rtol=1e-8)
+
+
 @pytest.mark.parametrize("kind", ["e2ip", "ensemble"])
 def test_edge_chunking_gives_the_same_results_with_stress(kind):
     """Large graphs are evaluated in checkpointed chunks of edges: energies, forces, stress and
