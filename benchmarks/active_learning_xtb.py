@@ -20,7 +20,7 @@ ensemble-selected frames, and what uncertainty-aware and uncertainty-driven MD d
         --results benchmarks/results/active_learning_fd_xtb.json       # issue 25
     python benchmarks/active_learning_xtb.py --phases al_plain \
         --results benchmarks/results/active_learning_fd_xtb.json
-    python benchmarks/active_learning_xtb.py --phases data,al_fd16 \
+    python benchmarks/active_learning_xtb.py --phases data,al_fd16[,al_fd16_ensemble] \
         --results benchmarks/results/active_learning_fd_xtb.json
     python benchmarks/active_learning_xtb.py --phases data,threshold_auto \
         --results benchmarks/results/md_threshold_auto_xtb.json
@@ -336,7 +336,9 @@ def main() -> None:
                       # stop-MD with 4x the trajectories: a pool several times larger than a
                       # round's 10 labels even where trajectories stop early
                       ("al_fd16", lambda o, n: run_al(o, n, 600, "auto", "fd600x16_",
-                                                      trajectories=16)),
+                                                      ("e2ip", "random"), 16)),
+                      ("al_fd16_ensemble", lambda o, n: run_al(o, n, 600, "auto", "fd600x16_",
+                                                               ("ensemble",), 16)),
                       # the stored stop threshold on fresh runs (models and MD seeds)
                       ("threshold_auto", run_threshold_auto)):
         if phase in phases:

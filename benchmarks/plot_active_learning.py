@@ -35,7 +35,10 @@ LABELS = {"e2ip": "e2IP-selected", "random": "random (e2IP model)",
           "al_fd/ensemble": "ensemble-selected (its stop-MD pool)",
           "al_plain/e2ip": "e2IP-FD-selected (plain-MD pool)",
           "al_plain/random": "random (plain-MD pool)",
-          "al_plain/ensemble": "ensemble-selected (plain-MD pool)"}
+          "al_plain/ensemble": "ensemble-selected (plain-MD pool)",
+          "al_fd16/e2ip": "e2IP-FD-selected (stop-MD, 16 trajectories)",
+          "al_fd16/random": "random (stop-MD, 16 trajectories)",
+          "al_fd16_ensemble/ensemble": "ensemble-selected (its stop-MD, 16 trajectories)"}
 
 
 def curves(runs_dir: Path, prefixes: list[str] | None = None) -> dict:
@@ -81,7 +84,8 @@ def main() -> None:
             else curves(ROOT / "benchmarks/runs/al_xtb", args.prefix))
     summary = {k: v for k, v in data.items()}
     (ROOT / args.json).write_text(json.dumps(summary, indent=1))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=False)
+    rows = -(-len(data) // 3)  # legend rows below the panels, three entries a row
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4 + 0.25 * rows), sharey=False)
     lines = ["| strategy | seeds | labelled (last round) | " + " | ".join(
         f"{t} MAE first / last round" for t in ("300 K", "600 K")) + " |", "|---|---|---|---|---|"]
     for strategy, runs in data.items():
@@ -102,9 +106,10 @@ def main() -> None:
         ax.set_ylabel("force MAE (meV/Å)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.suptitle("Active learning on ethanol (mean ± std over seeds)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.25 * rows / (3.4 + 0.25 * rows) + 0.02, 1, 1))
     fig.savefig(ROOT / args.png, dpi=120)
     print("\n".join(lines))
     print(f"written {args.png}")

@@ -99,13 +99,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(TRAINED), choices=list(TRAINED))
     parser.add_argument("--timing", action="store_true",
                         help="report: also time inference (run it alone on the machine)")
+    parser.add_argument("--suffix", default="",
+                        help="report, markdown, summary: docs/results/uncertainty_shift_<dataset>"
+                             "<suffix>.{json,md} (e.g. a report of some methods only)")
     args = parser.parse_args(argv)
+    if "." in args.suffix:
+        parser.error("--suffix: no dots (the file names end in .json and .md)")
     if args.action == "train":
         train(args.dataset, args.seeds, args.methods)
     elif args.action == "markdown":  # the report's tables again from its JSON
         from report_shift import rewrite_markdown
 
-        rewrite_markdown(args.dataset)
+        rewrite_markdown(args.dataset, args.suffix)
     elif args.action == "summary":  # one compact table (form cal, raw in brackets)
         import json
 
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         from runner import RESULTS
 
         print(summary_table(json.loads(
-            (RESULTS / f"uncertainty_shift_{args.dataset}.json").read_text())))
+            (RESULTS / f"uncertainty_shift_{args.dataset}{args.suffix}.json").read_text())))
     elif args.action == "timing":  # alone on the machine: the report's cost table
         from report_shift import update_timing
 
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from report_shift import report  # noqa: PLC0415 - heavy imports only for the report
 
-        report(args.dataset, args.seeds, timing=args.timing)
+        report(args.dataset, args.seeds, timing=args.timing, suffix=args.suffix)
 
 
 if __name__ == "__main__":

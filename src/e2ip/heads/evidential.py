@@ -60,9 +60,10 @@ class E2IPHyperparameters:
     #: Feature distance from centred features plus an intercept (the ridge relative to their
     #: variance); false: the uncentred second moment of e2ip 0.2 (files written by it load so).
     feature_centred: bool = True
-    #: One feature distance per element (its own mean, covariance and normalisation), so an
-    #: atom's r ~ 1 in distribution whatever the composition; false: one for all atoms.
-    feature_per_element: bool = False
+    #: One feature distance per element (its own mean, covariance and normalisation; an element
+    #: with fewer training atoms than features uses the pooled one), so an atom's r ~ 1 in
+    #: distribution whatever the composition; false: one for all atoms (as in e2ip 0.2).
+    feature_per_element: bool = True
 
 
 

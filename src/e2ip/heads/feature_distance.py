@@ -15,7 +15,7 @@ uncentred second moment HᵀH / N for S, mu = 0 and no intercept).
 
 With ``num_groups`` > 1 (one group per element, ``head.feature_per_element``) every element has
 its own mu, C and normalisation, so r ~ 1 on each element's training atoms whatever the
-composition.
+composition; an element with fewer training atoms than features gets the pooled statistics.
 
 Written by hand (no library offers it): the fit streams the per-group sums over batches, and the
 per-atom cost is one (N, F) x (F, F) product per group, F the backbone's scalar width (64 for
@@ -70,7 +70,9 @@ class FeatureDistance(nn.Module):
     @torch.no_grad()
     def fit(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]]) -> int:
         """Fit on the training atoms: an iterable of (features (n, F), groups (n,) or None).
-        Returns the number of atoms N. A group with no training atoms gets the pooled fit."""
+        Returns the number of atoms N. A group with fewer training atoms than features (its
+        covariance would be singular: the ridge alone would set the distance along the missing
+        directions) gets the pooled fit."""
         g, f = self.whitening.shape[0], self.whitening.shape[1]
         opts = {"dtype": torch.float64, "device": self.whitening.device}
         counts = torch.zeros(g, **opts)
@@ -88,7 +90,7 @@ class FeatureDistance(nn.Module):
             raise ValueError("no training atoms to fit the feature distance on")
         for k in range(g):
             n, s, m = counts[k], sums[k], moments[k]
-            if n == 0:  # an element the training atoms lack: the pooled statistics
+            if n < f:  # an element the training atoms lack or barely have: pooled statistics
                 n, s, m = counts.sum(), sums.sum(0), moments.sum(0)
             self._fit_group(k, n, s, m)
         self.fitted.fill_(True)

@@ -91,11 +91,26 @@ def test_per_element_distance_is_normalised_per_element():
     assert pooled(torch.tensor(train[groups == 1])).numpy().mean() > 3.0
 
 
-def _model():
+def test_an_element_with_fewer_atoms_than_features_gets_the_pooled_fit():
+    """3 atoms of element 1 in 4 dimensions (a singular covariance): pooled statistics for it,
+    its own for element 0 (reference: the leverage of the closed form on each atom set)."""
+    gen = np.random.default_rng(3)
+    train = gen.normal(size=(200, 4))
+    groups = np.where(np.arange(200) < 3, 1, 0)
+    query = gen.normal(size=(4, 4)) * 1.5
+    fd = FeatureDistance(4, ridge=1e-3, num_groups=2)
+    fd.fit([(torch.tensor(train), torch.tensor(groups))])
+    for g, atoms in ((0, train[groups == 0]), (1, train)):
+        r = fd(torch.tensor(query), torch.full((4,), g)).numpy()
+        np.testing.assert_allclose(r, _leverage_reference(atoms, query, 1e-3), rtol=1e-9)
+
+
+def _model(per_element: bool = True):
     """The paper's e2IP (learned evidence), small, float64, with non-trivial evidence."""
     torch.manual_seed(0)
     model = PotentialModel(elements=[1, 6, 8], cutoff=4.0, force_scale=0.5,
-                           head_options={"evidence": "learned"},
+                           head_options={"evidence": "learned",
+                                         "feature_per_element": per_element},
                            backbone_options={"num_features": 8, "num_layers": 1,
                                              "num_radial": 6}).double()
     with torch.no_grad():  # non-trivial evidence per atom
@@ -110,13 +125,25 @@ def _scalars(model, structures) -> np.ndarray:
     return features.scalars.detach().numpy()
 
 
-def test_feature_distance_model_divides_the_learned_evidence(tmp_path):
-    base = _model()
+def _numbers(structures) -> np.ndarray:
+    return np.concatenate([s.numbers for s in structures])
+
+
+@pytest.mark.parametrize("per_element", [True, False])
+def test_feature_distance_model_divides_the_learned_evidence(tmp_path, per_element):
+    base = _model(per_element)
     train = read_structures(demo_data_path(), index=":40")
     test = read_structures(demo_data_path(test=True), index=":4")
     model = base.with_feature_distance(train)
     assert model.label() == "e2IP-FD (painn)" and not model.calibrated
-    r = _leverage_reference(_scalars(base, train), _scalars(base, test), 1e-3)
+    h_train, h_test = _scalars(base, train), _scalars(base, test)
+    if per_element:  # every element (H, C, O: 240, 80, 40 training atoms) on its own atoms
+        z_train, z_test = _numbers(train), _numbers(test)
+        r = np.empty(len(h_test))
+        for z in (1, 6, 8):
+            r[z_test == z] = _leverage_reference(h_train[z_train == z], h_test[z_test == z], 1e-3)
+    else:
+        r = _leverage_reference(h_train, h_test, 1e-3)
     p, p0 = model.predict(test), base.predict(test)
     np.testing.assert_allclose(p["feature_distance"], r, rtol=1e-8)
     np.testing.assert_allclose(p["kappa"], p0["kappa"] / r, rtol=1e-8)

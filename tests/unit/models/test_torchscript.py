@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from e2ip.backbones.base import with_species
 from e2ip.data.graph import graph_from_structures
 from e2ip.heads import HEADS
 from e2ip.testing.model_suite import MOLECULE, random_periodic, small_model
@@ -37,7 +38,7 @@ def test_scripted_backbone_and_head_match_eager(backbone, head):
         features = backbone_fn(species, graph.edge_index, graph.edge_vectors(pos), graph.batch,
                                graph.num_graphs)
         forces = -torch.autograd.grad(features.atomic_energy.sum(), pos)[0]
-        return features, forces, head_fn(features)
+        return features, forces, head_fn(with_species(features, species))  # as the model does
 
     eager = run(model.backbone, model.head)
     script = run(scripted_backbone, scripted_head)
