@@ -259,7 +259,7 @@ def summary_table(results: dict) -> str:
     for name in shifted:
         short = name.split(" (")[0]
         head += ([f"{short} Cov@95", f"{short} CE", f"{short} ρ struct"]
-                 if name in labelled else []) + [f"{short} AUC shift"]
+                 if name in labelled else []) + [f"{short} AUC"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(label: str, name: str, key: str, digits: int | None = None) -> str:
