@@ -84,12 +84,13 @@ def main() -> None:
             else curves(ROOT / "benchmarks/runs/al_xtb", args.prefix))
     summary = {k: v for k, v in data.items()}
     (ROOT / args.json).write_text(json.dumps(summary, indent=1))
-    rows = -(-len(data) // 3)  # legend rows below the panels, three entries a row
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4 + 0.25 * rows), sharey=False)
+    legend_rows = -(-len(data) // 3)  # below the panels, three entries a row
+    height = 3.4 + 0.25 * legend_rows
+    fig, axes = plt.subplots(1, 2, figsize=(9, height), sharey=False)
     lines = ["| strategy | seeds | labelled (last round) | " + " | ".join(
         f"{t} MAE first / last round" for t in ("300 K", "600 K")) + " |", "|---|---|---|---|---|"]
     for strategy, runs in data.items():
-        runs = [rows for rows in runs if len(rows) == len(runs[0])]
+        runs = [seed_rows for seed_rows in runs if len(seed_rows) == len(runs[0])]
         labelled = np.array([[r["labelled"] for r in rows] for rows in runs]).mean(0)
         last = [rows[-1]["labelled"] for rows in runs]
         row = [LABELS.get(strategy, strategy), str(len(runs)),
@@ -109,7 +110,7 @@ def main() -> None:
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.suptitle("Active learning on ethanol (mean ± std over seeds)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.25 * rows / (3.4 + 0.25 * rows) + 0.02, 1, 1))
+    fig.tight_layout(rect=(0, 0.25 * legend_rows / height + 0.02, 1, 1))
     fig.savefig(ROOT / args.png, dpi=120)
     print("\n".join(lines))
     print(f"written {args.png}")

@@ -16,16 +16,15 @@ from report_shift import FD_VARIANTS, config, test_sets, with_distance
 from runner import RESULTS, prepared, run_dir
 from scipy.optimize import minimize
 
-from e2ip.data.graph import graph_from_structures
 from e2ip.models.io import load_model
+from e2ip.stats.metrics import calibration_error, coverage_at, pit_values
 from e2ip.stats.predictive import concatenate
 
 
 def outs(fd, structs):
     """(head parameters, forces, reference forces) per batch of 32."""
     res = []
-    for k in range(0, len(structs), 32):
-        g = graph_from_structures(structs[k:k + 32], fd.cutoff, fd.dtype)
+    for g in fd.graphs(structs, 32, require_forces=True):
         o = fd(g, create_graph=False)
         res.append(({kk: v.detach() for kk, v in o["params"].items()}, o["forces"].detach(),
                     g.forces.to(o["forces"].dtype)))
@@ -41,10 +40,8 @@ def pred(fd, batches, s, t, gamma):
     return concatenate(ps)
 
 def ce_cov(p, y):
-    pit = p.pit(y).numpy()
-    grid = np.arange(1, 100) / 100
-    cov = np.array([(pit <= q).mean() for q in grid])
-    return float(np.abs(cov - grid).mean()), float((pit <= 0.95).mean())
+    pit = pit_values(p, y)
+    return calibration_error(pit), coverage_at(pit, 0.95)
 
 
 def one_seed(dataset: str, seed: int, data, sets) -> dict:
