@@ -22,6 +22,9 @@ ensemble-selected frames, and what uncertainty-aware and uncertainty-driven MD d
         --results benchmarks/results/active_learning_fd_xtb.json
     python benchmarks/active_learning_xtb.py --phases data,al_fd16[,al_fd16_ensemble] \
         --results benchmarks/results/active_learning_fd_xtb.json
+    python benchmarks/active_learning_xtb.py \
+        --phases data,al_frontier,al_frontier_plain,al_frontier_ensemble,al_frontier_ensemble_random \
+        --results benchmarks/results/active_learning_fd_xtb.json       # seeds 3-5
     python benchmarks/active_learning_xtb.py --phases data,threshold_auto \
         --results benchmarks/results/md_threshold_auto_xtb.json
 """
@@ -35,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from al_true_error import selecting_by_true_error
 from ase import units
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
@@ -87,7 +91,8 @@ def make_data(out: Path) -> None:
 
 
 def run_al(out: Path, seeds: int, md_temperature: float = 500, stop: str | None = None,
-           tag: str = "", strategies: tuple[str, ...] = STRATEGIES, trajectories: int = 4) -> dict:
+           tag: str = "", strategies: tuple[str, ...] = STRATEGIES, trajectories: int = 4,
+           overrides: tuple[str, ...] = (), first_seed: int = 0) -> dict:
     """The three strategies, `seeds` seeds each; candidates from `trajectories` model-MD runs at
     `md_temperature` (K), each ended once the largest forces_uncertainty passes `stop` (None:
     never; 'auto': the model's stored stop_threshold). Runs go to out/<tag><strategy>_seed<k>."""
@@ -96,9 +101,9 @@ def run_al(out: Path, seeds: int, md_temperature: float = 500, stop: str | None 
 
     curves = {}
     for strategy in strategies:
-        for seed in range(seeds):
+        for seed in range(first_seed, first_seed + seeds):
             training = json.loads(json.dumps(MODEL))
-            if strategy == "ensemble":
+            if strategy.startswith("ensemble"):  # ensemble, ensemble_random
                 training["model"]["head"] = "none"
                 training.pop("head")
                 training["ensemble"] = {"size": 5}
@@ -106,10 +111,10 @@ def run_al(out: Path, seeds: int, md_temperature: float = 500, stop: str | None 
                 f"train={out / 'train_300K.extxyz'}",
                 f"test=['{out / 'test_300K.extxyz'}', '{out / 'test_600K.extxyz'}']",
                 "oracle=xtb", "rounds=5", "per_round=10", f"seed={seed}", "workers=0",
-                "selection=" + ("random" if strategy == "random" else "uncertainty"),
+                "selection=" + ("random" if strategy.endswith("random") else "uncertainty"),
                 "md.steps=400", f"md.temperature={md_temperature}", "md.interval=10",
                 f"md.trajectories={trajectories}", f"training={json.dumps(training)}",
-                *([f"md.max_uncertainty={stop}"] if stop else [])])
+                *([f"md.max_uncertainty={stop}"] if stop else []), *overrides])
             t0 = time.perf_counter()
             run = out / f"{tag}{strategy}_seed{seed}"
             run_active_learning(cfg, run)
@@ -122,6 +127,21 @@ def run_al(out: Path, seeds: int, md_temperature: float = 500, stop: str | None 
                                                 "wall_s": time.perf_counter() - t0}
             print(strategy, seed, [round(r["mae_600K"], 4) for r in rows], flush=True)
     return curves
+
+
+def run_al_by_true_error(out: Path, seeds: int, trajectories: int, overrides: tuple[str, ...],
+                         tag: str) -> dict:
+    def errors_of(candidates):  # every candidate labelled by GFN2-xTB
+        calc, errors = xtb(), []
+        for f in candidates:
+            a = f.copy()
+            a.calc = calc
+            errors.append(float(np.abs(a.get_forces() - f.arrays["e2ip_forces"]).mean()))
+        return np.array(errors)
+
+    with selecting_by_true_error(errors_of):
+        curves = run_al(out, seeds, 600, "auto", tag, ("e2ip",), trajectories, overrides)
+    return {k.replace("e2ip", "true_error"): v for k, v in curves.items()}
 
 
 def bonds(atoms):
@@ -339,6 +359,37 @@ def main() -> None:
                                                       ("e2ip", "random"), 16)),
                       ("al_fd16_ensemble", lambda o, n: run_al(o, n, 600, "auto", "fd600x16_",
                                                                ("ensemble",), 16)),
+                      # issue 25, choosing the protocol on seeds 0-2: a 64-trajectory pool (a frame
+                      # every 5 steps), MD starting from the last round's labels ("frontier"),
+                      # and the bound of selecting by the true error (16 and 64 trajectories)
+                      ("choice_pool64", lambda o, n: run_al(o, n, 600, "auto", "v64i5_",
+                                                            ("e2ip", "random"), 64,
+                                                            ("md.interval=5",))),
+                      ("choice_frontier16", lambda o, n: run_al(o, n, 600, "auto", "front16_",
+                                                                ("e2ip", "random"), 16,
+                                                                ("md.start=frontier",))),
+                      ("choice_true_error16", lambda o, n: run_al_by_true_error(
+                          o, n, 16, ("md.start=frontier",), "oracle16_")),
+                      ("choice_true_error64", lambda o, n: run_al_by_true_error(
+                          o, n, 64, ("md.start=frontier", "md.interval=5"), "oracle64_")),
+                      # issue 25, the protocol chosen on seeds 0-2 (md.start=frontier: each round's
+                      # MD starts from the frames the last round labelled) and reported on fresh
+                      # seeds 3-5: selection vs random from the same stopped pool, the same loop
+                      # with no uncertainty anywhere (plain MD, random frames), the ensemble
+                      ("al_frontier", lambda o, n: run_al(o, n, 600, "auto", "front_",
+                                                          ("e2ip", "random"), 16,
+                                                          ("md.start=frontier",), 3)),
+                      ("al_frontier_plain", lambda o, n: run_al(o, n, 600, None, "front_plain_",
+                                                                ("random",), 16,
+                                                                ("md.start=frontier",), 3)),
+                      ("al_frontier_ensemble", lambda o, n: run_al(o, n, 600, "auto", "front_",
+                                                                   ("ensemble",), 16,
+                                                                   ("md.start=frontier",), 3)),
+                      # the ensemble's model and pools with random selection: which part of
+                      # the ensemble's lead is its selection
+                      ("al_frontier_ensemble_random", lambda o, n: run_al(
+                          o, n, 600, "auto", "front_", ("ensemble_random",), 16,
+                          ("md.start=frontier",), 3)),
                       # the stored stop threshold on fresh runs (models and MD seeds)
                       ("threshold_auto", run_threshold_auto)):
         if phase in phases:

@@ -6,6 +6,12 @@ docs/active_learning_xtb.png, and print a markdown table.
     python benchmarks/plot_active_learning.py --results benchmarks/results/active_learning_fd_xtb.json \
         --phases al_fd al_plain --png docs/active_learning_fd_xtb.png \
         --json benchmarks/results/active_learning_fd_curves.json
+    python benchmarks/plot_active_learning.py \
+        --results benchmarks/results/active_learning_silica_xtb.json --phases al al_ensemble \
+        --panels "mae_id=known frameworks" "mae_shift=new frameworks" \
+        --title "Pool-based active learning on silica zeolites" \
+        --png docs/active_learning_silica_xtb.png \
+        --json benchmarks/results/active_learning_silica_curves.json
 
 `--results` reads the curves from a benchmark results file (its phases' rows) instead of the run
 folders; the x axis is the mean number of labelled frames over the seeds (uncertainty-stopped MD
@@ -38,7 +44,22 @@ LABELS = {"e2ip": "e2IP-selected", "random": "random (e2IP model)",
           "al_plain/ensemble": "ensemble-selected (plain-MD pool)",
           "al_fd16/e2ip": "e2IP-FD-selected (stop-MD, 16 trajectories)",
           "al_fd16/random": "random (stop-MD, 16 trajectories)",
-          "al_fd16_ensemble/ensemble": "ensemble-selected (its stop-MD, 16 trajectories)"}
+          "al_fd16_ensemble/ensemble": "ensemble-selected (its stop-MD, 16 trajectories)",
+          "al_frontier/e2ip": "e2IP-FD-selected (stop-MD from the frontier)",
+          "al_frontier/random": "random (the same pools)",
+          "al_frontier_plain/random": "random (plain MD from the frontier: no uncertainty)",
+          "al_frontier_ensemble/ensemble": "ensemble-selected (its stop-MD from the frontier)",
+          "al_frontier_ensemble_random/ensemble_random": "random (ensemble model, its pools)",
+          "choice_pool64/e2ip": "e2IP-FD-selected (64 trajectories, seeds)",
+          "choice_pool64/random": "random (the same pools)",
+          "choice_frontier16/e2ip": "e2IP-FD-selected (16 trajectories, frontier)",
+          "choice_frontier16/random": "random (the same pools)",
+          "choice_true_error16/true_error": "true-error-selected (bound; 16, frontier)",
+          "choice_true_error64/true_error": "true-error-selected (bound; 64, frontier)",
+          "al_true_error/true_error": "true-error-selected (bound)",
+          "al/e2ip": "e2IP-FD-selected", "al/random": "random",
+          "al_ensemble/ensemble": "ensemble-selected (5 members)"}
+ETHANOL_PANELS = ["mae_300K=held-out 300 K MD", "mae_600K=held-out 600 K MD"]
 
 
 def curves(runs_dir: Path, prefixes: list[str] | None = None) -> dict:
@@ -79,6 +100,9 @@ def main() -> None:
     ap.add_argument("--json", default="benchmarks/results/active_learning_curves.json")
     ap.add_argument("--results", default=None, help="read the curves from this results file")
     ap.add_argument("--phases", nargs="+", default=["al_fd"], help="its phases to plot")
+    ap.add_argument("--panels", nargs=2, default=ETHANOL_PANELS, metavar="KEY=TITLE",
+                    help="the two test sets: row key and panel title")
+    ap.add_argument("--title", default="Active learning on ethanol")
     args = ap.parse_args()
     data = (curves_from_results(ROOT / args.results, args.phases) if args.results
             else curves(ROOT / "benchmarks/runs/al_xtb", args.prefix))
@@ -87,29 +111,30 @@ def main() -> None:
     legend_rows = -(-len(data) // 3)  # below the panels, three entries a row
     height = 3.4 + 0.25 * legend_rows
     fig, axes = plt.subplots(1, 2, figsize=(9, height), sharey=False)
+    panels = [p.split("=", 1) for p in args.panels]
     lines = ["| strategy | seeds | labelled (last round) | " + " | ".join(
-        f"{t} MAE first / last round" for t in ("300 K", "600 K")) + " |", "|---|---|---|---|---|"]
+        f"{t}: MAE first / last round" for _, t in panels) + " |", "|---|---|---|---|---|"]
     for strategy, runs in data.items():
         runs = [seed_rows for seed_rows in runs if len(seed_rows) == len(runs[0])]
         labelled = np.array([[r["labelled"] for r in rows] for rows in runs]).mean(0)
         last = [rows[-1]["labelled"] for rows in runs]
         row = [LABELS.get(strategy, strategy), str(len(runs)),
                f"{np.mean(last):.0f} ({min(last)}-{max(last)})"]
-        for ax, key in zip(axes, ("mae_300K", "mae_600K")):
+        for ax, (key, _) in zip(axes, panels):
             mae = 1000 * np.array([[r[key] for r in rows] for rows in runs])  # meV/Å
             mean, std = mae.mean(0), mae.std(0)
             ax.errorbar(labelled, mean, yerr=std, marker="o", capsize=3,
                         label=LABELS.get(strategy, strategy))
             row.append(f"{mean[0]:.0f} ± {std[0]:.0f} / {mean[-1]:.0f} ± {std[-1]:.0f}")
         lines.append("| " + " | ".join(row) + " |")
-    for ax, title in zip(axes, ("held-out 300 K MD", "held-out 600 K MD")):
+    for ax, (_, title) in zip(axes, panels):
         ax.set_xlabel("labelled frames (GFN2-xTB)")
         ax.set_ylabel("force MAE (meV/Å)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=3, fontsize=7, frameon=False)
-    fig.suptitle("Active learning on ethanol (mean ± std over seeds)", fontsize=10)
+    fig.suptitle(f"{args.title} (mean ± std over seeds)", fontsize=10)
     fig.tight_layout(rect=(0, 0.25 * legend_rows / height + 0.02, 1, 1))
     fig.savefig(ROOT / args.png, dpi=120)
     print("\n".join(lines))

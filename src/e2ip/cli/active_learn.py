@@ -14,6 +14,8 @@ def add_parser(subparsers) -> None:
                    "docs/uncertainty_in_use.md)")
     p.add_argument("--train", default=None, help="labelled structures to start from (extxyz)")
     p.add_argument("--seeds", default=None, help="structures MD starts from (default: --train)")
+    p.add_argument("--pool", default=None, help="unlabelled structures to select from instead "
+                   "of running MD (pool-based active learning)")
     p.add_argument("--test", action="append", default=None, metavar="FILE",
                    help="held-out labelled set evaluated every round (repeatable)")
     p.add_argument("--oracle", default=None, help="reference: xtb (GFN2-xTB via tblite), emt, "
@@ -35,7 +37,8 @@ def run(args) -> int:
     from e2ip.dynamics.active_learning.loop import run_active_learning
 
     overrides = list(args.overrides)
-    for key, value in (("train", args.train), ("seeds", args.seeds), ("oracle", args.oracle),
+    for key, value in (("train", args.train), ("seeds", args.seeds), ("pool", args.pool),
+                       ("oracle", args.oracle),
                        ("rounds", args.rounds), ("per_round", args.per_round),
                        ("selection", args.selection), ("workers", args.workers)):
         if value is not None:

@@ -113,7 +113,7 @@ def make_integrator(atoms: Atoms, ensemble: str, timestep_fs: float, temperature
     raise ConfigError(f"unknown MD ensemble {ensemble!r}; choose from {', '.join(ENSEMBLES)}")
 
 
-def _frame(atoms: Atoms, results: dict, step: int, time_fs: float) -> Atoms:
+def prediction_frame(atoms: Atoms, results: dict, step: int, time_fs: float) -> Atoms:
     """A copy of `atoms` with the model's predictions under e2ip_* keys and the uncertainties."""
     frame = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
     frame.info.update({"step": step, "time_fs": round(time_fs, 6),
@@ -209,7 +209,7 @@ def run_md(atoms: Atoms, model, *, steps: int = 1000, temperature_K: float = 300
                 writer.log(step, time_fs, atoms, results, top)
             frame = None
             if step % traj_interval == 0 and (writer or keep_frames):
-                frame = _frame(atoms, results, step, time_fs)
+                frame = prediction_frame(atoms, results, step, time_fs)
                 if writer:
                     writer.trajectory(frame)
                 if keep_frames:
@@ -218,12 +218,12 @@ def run_md(atoms: Atoms, model, *, steps: int = 1000, temperature_K: float = 300
                     and step >= check_from_step)
             if over:
                 if keep_frames and frame is None:  # the frame that passed is always kept
-                    frame = _frame(atoms, results, step, time_fs)
+                    frame = prediction_frame(atoms, results, step, time_fs)
                     frames.append(frame)
                 exceeded += 1
                 first_exceeded = step if first_exceeded is None else first_exceeded
                 if writer and (on_exceed == "stop" or step - last_saved >= save_interval):
-                    writer.exceeded(frame or _frame(atoms, results, step, time_fs))
+                    writer.exceeded(frame or prediction_frame(atoms, results, step, time_fs))
                     last_saved = step
                 if on_exceed == "stop":
                     stop_reason = "uncertainty"

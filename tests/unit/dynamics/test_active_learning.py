@@ -240,3 +240,95 @@ def test_cli_active_learn_from_a_yaml_file(emt_data, tmp_path, capsys):
     code = main(["active-learn", str(tmp_path / "bad.yaml")])
     err = capsys.readouterr().err
     assert code == 2 and "not valid YAML" in err and len(err.strip().splitlines()) == 1
+
+
+def test_config_rejects_an_unknown_md_start(emt_data):
+    train, _ = emt_data
+    with pytest.raises(ConfigError, match="md.start"):
+        load_al_config(None, [f"train={train}", "oracle=emt", "md.start=nowhere"])
+
+
+@pytest.mark.parametrize("start, round_1_from", [
+    ("seeds", "data/labelled_00.extxyz"),        # the seed structures (= train) every round
+    ("labelled", "data/labelled_01.extxyz"),     # everything labelled before round 1
+    ("frontier", "round_00/labelled.extxyz"),    # only the frames round 0 added
+])
+def test_md_start_chooses_where_trajectories_begin(emt_data, tmp_path, monkeypatch, start,
+                                                   round_1_from):
+    train, _ = emt_data
+    cfg = load_al_config(None, TINY + [f"train={train}", "oracle=emt", "workers=0",
+                                       f"md.start={start}"])
+    real_sample = al._sample
+    starts = {}
+
+    def recording(cfg_, rnd, model_path, seeds):
+        starts[rnd.index] = np.stack([s.positions for s in seeds])
+        return real_sample(cfg_, rnd, model_path, seeds)
+
+    monkeypatch.setattr(al, "_sample", recording)
+    run_active_learning(cfg, tmp_path / "al")
+    out = tmp_path / "al"
+    initial = np.stack([a.positions for a in read(train, index=":")])
+    np.testing.assert_allclose(starts[0], initial)  # round 0 always starts from the seeds
+    expected = np.stack([a.positions for a in read(out / round_1_from, index=":")])
+    assert starts[1].shape == expected.shape
+    np.testing.assert_allclose(starts[1], expected)
+
+
+def copper_frames(n: int, seed: int, strain: float = 0.0):
+    """Rattled (and optionally strained) periodic fcc copper, 16 atoms."""
+    from ase.build import bulk
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        a = bulk("Cu", "fcc", a=3.6 * (1 + strain), cubic=True).repeat((2, 2, 1))
+        a.positions += rng.normal(scale=0.08, size=a.positions.shape)
+        frames.append(a)
+    return frames
+
+
+def test_pool_mode_ranks_a_periodic_pool_and_never_selects_a_frame_twice(tmp_path):
+    train = labelled_file(tmp_path / "train.extxyz", copper_frames(12, 0), EMT)
+    pool = copper_frames(4, 1) + copper_frames(4, 2, strain=0.06)  # 4 alike, 4 strained
+    write(tmp_path / "pool.extxyz", pool)
+    cfg = load_al_config(None, TINY + [f"train={train}", f"pool={tmp_path / 'pool.extxyz'}",
+                                       "oracle=emt", "workers=0", "pool_factor=1",
+                                       "training.model.cutoff=3.0"])
+    run_active_learning(cfg, tmp_path / "al")
+    out = tmp_path / "al"
+    first = read(out / "round_00/selected.extxyz", index=":")
+    second_candidates = read(out / "round_01/candidates.extxyz", index=":")
+    picked = [int(a.info["pool_index"]) for a in first]
+    assert len(read(out / "round_00/candidates.extxyz", index=":")) == 8
+    assert sorted(int(a.info["pool_index"]) for a in second_candidates) == sorted(
+        set(range(8)) - set(picked))
+    assert all(a.pbc.all() for a in second_candidates)
+    # pool_factor 1: the three most uncertain pool frames, which are the strained ones
+    scores = {int(a.info["pool_index"]): float(np.mean(a.arrays["forces_uncertainty"]))
+              for a in read(out / "round_00/candidates.extxyz", index=":")}
+    assert sorted(picked) == sorted(sorted(scores, key=scores.get)[-3:])
+    assert set(picked) <= set(range(4, 8))
+    # the labels are EMT's on the pool frames' own positions and cells
+    labelled = read(out / "round_00/labelled.extxyz", index=":")
+    for atoms, index in zip(labelled, picked):
+        reference = pool[index].copy()
+        reference.calc = EMT()
+        np.testing.assert_allclose(atoms.positions, pool[index].positions, atol=1e-7)  # extxyz
+        np.testing.assert_allclose(atoms.cell.array, pool[index].cell.array, atol=1e-7)
+        np.testing.assert_allclose(atoms.get_forces(), reference.get_forces(), atol=1e-5)
+    assert len(read(out / "data/labelled_02.extxyz", index=":")) == 18
+    # a third round finds the pool used up: one clear error
+    more = load_al_config(None, TINY + [f"train={train}", f"pool={tmp_path / 'pool.extxyz'}",
+                                        "oracle=emt", "workers=0", "rounds=3", "per_round=4",
+                                        "training.model.cutoff=3.0"])
+    with pytest.raises(ConfigError, match="every pool frame is already selected"):
+        run_active_learning(more, tmp_path / "al_used_up")
+
+
+def test_cli_pool_flag_reaches_the_config(emt_data, tmp_path, capsys):
+    train, _ = emt_data
+    code = main(["active-learn", "--train", str(train), "--pool", str(tmp_path / "none.xyz"),
+                 "--oracle", "emt", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "'pool': file not found" in err and len(err.strip().splitlines()) == 1

@@ -17,13 +17,17 @@ from e2ip.train.config.checks import build_section, config_from_dict
 from e2ip.train.config.yaml_io import apply_overrides, read_yaml_mapping
 
 SELECTIONS = ("uncertainty", "random")
+STARTS = ("seeds", "labelled", "frontier")
 
 
 @dataclass
 class MDSettings:
     """MD that generates candidates: steps per trajectory, temperature (K), timestep (fs),
     ensemble (nve | langevin | nvt), friction (Langevin, 1/fs), interval (steps between candidate
-    frames), trajectories (seed structures per round), max_uncertainty (eV/Å: end a trajectory
+    frames), trajectories (per round), start (where each trajectory starts, drawn at random:
+    seeds: the seed structures every round; labelled: any frame labelled so far; frontier: the
+    frames labelled in the previous round, so that exploration goes on from where the last
+    selection reached; round 0 starts from the seeds), max_uncertainty (eV/Å: end a trajectory
     once the largest per-atom forces_uncertainty passes it; 'auto': the model's stored
     stop_threshold; null: run all steps),
     bias_strength (eV) and bias_width (eV/Å) of uncertainty-driven dynamics (null: off)."""
@@ -35,6 +39,7 @@ class MDSettings:
     friction: float = 0.01
     interval: int = 10
     trajectories: int = 4
+    start: str = "seeds"
     max_uncertainty: float | str | None = None
     bias_strength: float | None = None
     bias_width: float = 0.05
@@ -43,7 +48,9 @@ class MDSettings:
 @dataclass
 class ALConfig:
     """train: labelled structures to start from (extxyz, eV and Å, keys energy/forces);
-    seeds: structures MD starts from (default: train); test: held-out labelled sets evaluated
+    seeds: structures MD starts from (default: train); pool: unlabelled structures to select
+    from instead of running MD (pool-based active learning: each round ranks the pool frames not
+    yet selected; the md section is then unused); test: held-out labelled sets evaluated
     every round; oracle (+ oracle_options): the reference, see e2ip.dynamics.oracle; rounds: acquisition
     rounds (rounds + 1 models are trained); per_round: structures labelled per round;
     selection: uncertainty | random; pool_factor: see the module docstring; workers: labelling
@@ -54,6 +61,7 @@ class ALConfig:
 
     train: str | None = None
     seeds: str | None = None
+    pool: str | None = None
     test: list[str] = field(default_factory=list)
     oracle: str = "xtb"
     oracle_options: dict[str, Any] = field(default_factory=dict)
@@ -89,6 +97,7 @@ def _check(cfg: ALConfig) -> None:
         raise ConfigError("'train' is required: the labelled structures to start from "
                           "(--train FILE)")
     for key, paths in (("train", [cfg.train]), ("seeds", [cfg.seeds] if cfg.seeds else []),
+                       ("pool", [cfg.pool] if cfg.pool else []),
                        ("test", cfg.test)):
         for p in paths:
             if not Path(p).exists():
@@ -105,6 +114,8 @@ def _check(cfg: ALConfig) -> None:
     md = cfg.md
     if md.ensemble not in ("nve", "langevin", "nvt"):
         raise ConfigError(f"'md.ensemble' must be nve, langevin or nvt, got {md.ensemble!r}")
+    if md.start not in STARTS:
+        raise ConfigError(f"'md.start' must be one of {', '.join(STARTS)}, got {md.start!r}")
     if md.temperature <= 0 or md.timestep <= 0 or md.friction < 0:
         raise ConfigError("'md.temperature' and 'md.timestep' must be > 0, 'md.friction' >= 0")
     if md.steps < 1 or md.interval < 1 or md.trajectories < 1:

@@ -5,9 +5,11 @@ Round r (0 .. rounds):
 1. train on ``data/labelled_<r>.extxyz`` (round 0 from scratch with the ``training`` config;
    later rounds fine-tune the previous round's model: ``training.init_from``, plus ``finetune``
    overrides), then evaluate on the ``test`` sets (force MAE);
-2. (r < rounds) run MD with the model from ``md.trajectories`` seed structures and keep a frame
-   every ``md.interval`` steps as a candidate (``md.max_uncertainty`` ends a trajectory once it is
-   passed; ``md.bias_strength`` turns on uncertainty-driven dynamics);
+2. (r < rounds) run ``md.trajectories`` MD trajectories with the model, each from a structure
+   drawn from ``md.start`` (the seeds, the labelled frames or the last round's new ones), and keep
+   a frame every ``md.interval`` steps as a candidate (``md.max_uncertainty`` ends a trajectory
+   once it is passed; ``md.bias_strength`` turns on uncertainty-driven dynamics); with ``pool``
+   set, the candidates are instead the pool structures no earlier round selected;
 3. select ``per_round`` candidates: ``uncertainty`` takes the ``pool_factor * per_round`` with the
    largest mean per-atom ``forces_uncertainty`` (the model's epistemic part: the e2IP head's, or
    the ensemble spread for an ensemble) and picks a diverse subset of them by farthest-point
@@ -126,7 +128,8 @@ def run_active_learning(cfg: ALConfig, out: str | os.PathLike,
             nxt = data_dir / f"labelled_{r + 1:02d}.extxyz"
             if nxt.exists():
                 continue
-            candidates = _sample(cfg, rnd, model_path, seeds)
+            candidates = (_rank_pool(cfg, rnd, model_path) if cfg.pool else
+                          _sample(cfg, rnd, model_path, _starts(cfg, rnd, data_dir, seeds)))
             selected = _select(cfg, rnd, candidates)
             new = _label(cfg, rnd, selected, executor or own_pool)
             _atomic_write_frames(nxt, _read_frames(labelled) + new)
@@ -177,6 +180,48 @@ def _evaluate(rnd: _Round, model_path: Path, tests: dict, labelled: Path) -> Non
     atomic_write_text(target, json.dumps(result, indent=1) + "\n")
 
 
+def _starts(cfg: ALConfig, rnd: _Round, data_dir: Path, seeds: list[Atoms]) -> list[Atoms]:
+    """The structures round `rnd`'s trajectories start from (``md.start``)."""
+    if rnd.index == 0 or cfg.md.start == "seeds":
+        return seeds
+    if cfg.md.start == "labelled":
+        return _read_frames(data_dir / f"labelled_{rnd.index:02d}.extxyz")
+    previous = rnd.path.parent / f"round_{rnd.index - 1:02d}" / "labelled.extxyz"
+    return _read_frames(previous) or seeds  # frontier; nothing labelled last round: the seeds
+
+
+def _rank_pool(cfg: ALConfig, rnd: _Round, model_path: Path) -> list[Atoms]:
+    """Pool-based candidates: the ``pool`` frames no earlier round selected, with the model's
+    predictions and uncertainties (the same arrays as MD frames; ``info['pool_index']``: the
+    frame's index in the pool file)."""
+    from e2ip.data.read import read_structures
+    from e2ip.dynamics.md import prediction_frame
+    from e2ip.integrations.ase_calculator import E2IPCalculator
+    from e2ip.models.io import load_model
+
+    target = rnd.file("candidates.extxyz")
+    if target.exists():
+        return _read_frames(target)
+    used = {int(f.info["pool_index"]) for r in range(rnd.index)
+            for f in _read_frames(rnd.path.parent / f"round_{r:02d}" / "selected.extxyz")}
+    calc = E2IPCalculator(load_model(model_path))
+    frames = []
+    pool = read_structures(cfg.pool, require_energy=False, require_forces=False)
+    for index, structure in enumerate(pool):
+        if index in used:
+            continue
+        atoms = structure.to_atoms()
+        atoms.calc = calc
+        atoms.get_forces()
+        frame = prediction_frame(atoms, calc.results, step=0, time_fs=0.0)
+        frame.info["pool_index"] = index
+        frames.append(frame)
+    log.info("round %d: %d candidate frames from the pool (%d selected before)", rnd.index,
+             len(frames), len(used))
+    _atomic_write_frames(target, frames)
+    return frames
+
+
 def _sample(cfg: ALConfig, rnd: _Round, model_path: Path, seeds: list[Atoms]) -> list[Atoms]:
     from e2ip.dynamics.md import run_md
     from e2ip.integrations.ase_calculator import E2IPCalculator
@@ -218,8 +263,8 @@ def _select(cfg: ALConfig, rnd: _Round, candidates: list[Atoms]) -> list[Atoms]:
     if target.exists():
         return _read_frames(target)
     if not candidates:
-        raise ConfigError(f"round {rnd.index}: MD produced no candidate frames "
-                          "(raise md.steps or lower md.interval)")
+        raise ConfigError(f"round {rnd.index}: no candidate frames (MD: raise md.steps or "
+                          "lower md.interval; pool: every pool frame is already selected)")
     k = min(cfg.per_round, len(candidates))
     if cfg.selection == "random":
         rng = np.random.default_rng([cfg.seed, rnd.index, 7])
