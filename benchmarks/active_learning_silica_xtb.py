@@ -19,7 +19,7 @@ frameworks the model has never seen. Which frames are worth a reference calculat
    PaiNN members, each trained as long as the single model, selecting by their spread);
    3 seeds each. Force MAE on both test sets vs labelled frames, and how many selected frames
    came from the new topologies.
-3. ``--phases al_true_error``: an upper bound for any selection rule, not a method: the same loop
+3. ``--phases al_true_error``: the oracle ranking (a baseline, not a method): the same loop
    ranking the pool by the round model's true force MAE against GFN2-xTB (the whole pool
    labelled once, ``pool_labelled.extxyz``), then the same diverse subset as the real rule.
 
@@ -113,7 +113,7 @@ def true_errors_from_labelled_pool(out: Path):
         pool = read(out / "pool.extxyz", index=":")
         frames = _xtb_labelled(pool)
         if len(frames) != len(pool):
-            raise RuntimeError("a pool frame failed to label; the bound needs all of them")
+            raise RuntimeError("a pool frame failed to label; the oracle ranking needs all of them")
         write(labelled, frames)
     reference = [a.get_forces() for a in read(labelled, index=":")]
     return lambda candidates: np.array([

@@ -361,7 +361,7 @@ def main() -> None:
                                                                ("ensemble",), 16)),
                       # issue 25, choosing the protocol on seeds 0-2: a 64-trajectory pool (a frame
                       # every 5 steps), MD starting from the last round's labels ("frontier"),
-                      # and the bound of selecting by the true error (16 and 64 trajectories)
+                      # and the oracle ranking by the true error (16 and 64 trajectories)
                       ("choice_pool64", lambda o, n: run_al(o, n, 600, "auto", "v64i5_",
                                                             ("e2ip", "random"), 64,
                                                             ("md.interval=5",))),

@@ -1,6 +1,7 @@
-"""The upper bound the active-learning benchmarks compare selection rules with (not a method):
-rank the candidates by the round model's *true* force error instead of its uncertainty, then pick
-the same diverse subset the real rule picks (`select_diverse`)."""
+"""The oracle ranking the active-learning benchmarks compare selection rules with (a baseline,
+not a method, and not a bound on every rule): rank the candidates by the round model's *true*
+force error instead of its uncertainty, then pick the same diverse subset the real rule picks
+(`select_diverse`)."""
 
 from __future__ import annotations
 

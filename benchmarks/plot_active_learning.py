@@ -54,9 +54,9 @@ LABELS = {"e2ip": "e2IP-selected", "random": "random (e2IP model)",
           "choice_pool64/random": "random (the same pools)",
           "choice_frontier16/e2ip": "e2IP-FD-selected (16 trajectories, frontier)",
           "choice_frontier16/random": "random (the same pools)",
-          "choice_true_error16/true_error": "true-error-selected (bound; 16, frontier)",
-          "choice_true_error64/true_error": "true-error-selected (bound; 64, frontier)",
-          "al_true_error/true_error": "true-error-selected (bound)",
+          "choice_true_error16/true_error": "true-error-selected (oracle; 16, frontier)",
+          "choice_true_error64/true_error": "true-error-selected (oracle; 64, frontier)",
+          "al_true_error/true_error": "true-error-selected (oracle ranking)",
           "al/e2ip": "e2IP-FD-selected", "al/random": "random",
           "al_ensemble/ensemble": "ensemble-selected (5 members)"}
 ETHANOL_PANELS = ["mae_300K=held-out 300 K MD", "mae_600K=held-out 600 K MD"]

@@ -124,6 +124,12 @@ def test_resume_after_a_crash_between_rounds(emt_data, tmp_path, monkeypatch):
     assert (out / "round_01/candidates.extxyz").read_text() == cands
     assert len(read(out / "data/labelled_02.extxyz", index=":")) == 22
     assert (out / "round_02/evaluation.json").exists()
+    # a loop recorded before `pool` and `md.start` existed resumes (they take their defaults)
+    recorded = out / "active_learning.yaml"
+    text = recorded.read_text()
+    assert "pool: null" in text and "start: seeds" in text
+    recorded.write_text(text.replace("pool: null\n", "").replace("  start: seeds\n", ""))
+    run_active_learning(cfg, out)
     # a different configuration in the same folder is refused
     other = load_al_config(None, TINY + [f"train={train}", "oracle=emt", "per_round=4"])
     with pytest.raises(ConfigError, match="different configuration"):
@@ -248,16 +254,16 @@ def test_config_rejects_an_unknown_md_start(emt_data):
         load_al_config(None, [f"train={train}", "oracle=emt", "md.start=nowhere"])
 
 
-@pytest.mark.parametrize("start, round_1_from", [
+@pytest.mark.parametrize("start, later_from", [
     ("seeds", "data/labelled_00.extxyz"),        # the seed structures (= train) every round
-    ("labelled", "data/labelled_01.extxyz"),     # everything labelled before round 1
-    ("frontier", "round_00/labelled.extxyz"),    # only the frames round 0 added
+    ("labelled", "data/labelled_{r:02d}.extxyz"),  # everything labelled before round r
+    ("frontier", "round_{p:02d}/labelled.extxyz"),  # only the frames round r - 1 added
 ])
 def test_md_start_chooses_where_trajectories_begin(emt_data, tmp_path, monkeypatch, start,
-                                                   round_1_from):
+                                                   later_from):
     train, _ = emt_data
     cfg = load_al_config(None, TINY + [f"train={train}", "oracle=emt", "workers=0",
-                                       f"md.start={start}"])
+                                       f"md.start={start}", "rounds=3"])
     real_sample = al._sample
     starts = {}
 
@@ -270,9 +276,11 @@ def test_md_start_chooses_where_trajectories_begin(emt_data, tmp_path, monkeypat
     out = tmp_path / "al"
     initial = np.stack([a.positions for a in read(train, index=":")])
     np.testing.assert_allclose(starts[0], initial)  # round 0 always starts from the seeds
-    expected = np.stack([a.positions for a in read(out / round_1_from, index=":")])
-    assert starts[1].shape == expected.shape
-    np.testing.assert_allclose(starts[1], expected)
+    for r in (1, 2):
+        path = out / later_from.format(r=r, p=r - 1)
+        expected = np.stack([a.positions for a in read(path, index=":")])
+        assert starts[r].shape == expected.shape
+        np.testing.assert_allclose(starts[r], expected)
 
 
 def copper_frames(n: int, seed: int, strain: float = 0.0):

@@ -93,7 +93,11 @@ def run_active_learning(cfg: ALConfig, out: str | os.PathLike,
     current = yaml.safe_dump(cfg.to_dict(), sort_keys=True)
 
     def comparable(text: str) -> dict:  # `workers` changes where labelling runs, not results
-        return {k: v for k, v in yaml.safe_load(text).items() if k != "workers"}
+        # a loop recorded before a key existed has that key's default (e.g. pool, md.start)
+        values = ALConfig().to_dict()
+        for key, value in yaml.safe_load(text).items():
+            values[key] = {**values[key], **value} if key == "md" else value
+        return {k: v for k, v in values.items() if k != "workers"}
 
     if recorded.exists() and comparable(recorded.read_text()) != comparable(current):
         raise ConfigError(f"{out} holds an active-learning loop with a different configuration "
