@@ -17,13 +17,15 @@ frameworks the model has never seen. Which frames are worth a reference calculat
    evidence, selecting by its epistemic forces_uncertainty and diversity), random (the same
    model, frames drawn uniformly from the pool), ensemble (``--phases al_ensemble``: 5 plain
    PaiNN members, each trained as long as the single model, selecting by their spread);
-   3 seeds each. Force MAE on both test sets vs labelled frames, and how many selected frames
-   came from the new topologies.
+   3 seeds each; ``--phases al_ensemble_random``: the ensemble model with random selection (which
+   part of the ensemble's result is its selection). Force MAE on both test sets vs labelled
+   frames, and how many selected frames came from the new topologies.
 3. ``--phases al_true_error``: the oracle ranking (a baseline, not a method): the same loop
    ranking the pool by the round model's true force MAE against GFN2-xTB (the whole pool
    labelled once, ``pool_labelled.extxyz``), then the same diverse subset as the real rule.
 
-    python benchmarks/active_learning_silica_xtb.py [--phases data,al,al_ensemble,al_true_error]
+    python benchmarks/active_learning_silica_xtb.py \
+        [--phases data,al,al_ensemble,al_ensemble_random,al_true_error]
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ def run_al(out: Path, seeds: int, strategies: tuple[str, ...], first_seed: int =
     for strategy in strategies:
         for seed in range(first_seed, first_seed + seeds):
             training = json.loads(json.dumps(MODEL))
-            if strategy == "ensemble":
+            if strategy.startswith("ensemble"):  # ensemble, ensemble_random
                 training["model"]["head"] = "none"
                 training.pop("head")
                 training["ensemble"] = {"size": 5}
@@ -139,7 +141,7 @@ def run_al(out: Path, seeds: int, strategies: tuple[str, ...], first_seed: int =
                 f"train={out / 'start.extxyz'}", f"pool={out / 'pool.extxyz'}",
                 f"test=['{out / 'test_id.extxyz'}', '{out / 'test_shift.extxyz'}']",
                 "oracle=xtb", f"rounds={ROUNDS}", f"per_round={PER_ROUND}", f"seed={seed}",
-                "workers=0", "selection=" + ("random" if strategy == "random" else "uncertainty"),
+                "workers=0", "selection=" + ("random" if strategy.endswith("random") else "uncertainty"),
                 f"training={json.dumps(training)}"])
             t0 = time.perf_counter()
             run = out / f"{strategy}_seed{seed}"  # true_error: selection swapped by the caller
@@ -176,6 +178,7 @@ def main() -> None:
     if "data" in phases and not (out / "pool.extxyz").exists():
         make_data(out)
     for phase, strategies in (("al", ("e2ip", "random")), ("al_ensemble", ("ensemble",)),
+                              ("al_ensemble_random", ("ensemble_random",)),
                               ("al_true_error", ("true_error",))):
         if phase in phases:
             t0 = time.perf_counter()

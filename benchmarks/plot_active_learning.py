@@ -7,7 +7,8 @@ docs/active_learning_xtb.png, and print a markdown table.
         --phases al_fd al_plain --png docs/active_learning_fd_xtb.png \
         --json benchmarks/results/active_learning_fd_curves.json
     python benchmarks/plot_active_learning.py \
-        --results benchmarks/results/active_learning_silica_xtb.json --phases al al_ensemble \
+        --results benchmarks/results/active_learning_silica_xtb.json \
+        --phases al al_ensemble al_ensemble_random al_true_error \
         --panels "mae_id=known frameworks" "mae_shift=new frameworks" \
         --title "Pool-based active learning on silica zeolites" \
         --png docs/active_learning_silica_xtb.png \
@@ -58,7 +59,8 @@ LABELS = {"e2ip": "e2IP-selected", "random": "random (e2IP model)",
           "choice_true_error64/true_error": "true-error-selected (oracle; 64, frontier)",
           "al_true_error/true_error": "true-error-selected (oracle ranking)",
           "al/e2ip": "e2IP-FD-selected", "al/random": "random",
-          "al_ensemble/ensemble": "ensemble-selected (5 members)"}
+          "al_ensemble/ensemble": "ensemble-selected (5 members)",
+          "al_ensemble_random/ensemble_random": "random (ensemble model)"}
 ETHANOL_PANELS = ["mae_300K=held-out 300 K MD", "mae_600K=held-out 600 K MD"]
 
 
