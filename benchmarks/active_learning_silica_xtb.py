@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from al_true_error import selecting_by_true_error
+from al_common import learning_curve, selecting_by_true_error, strategy_overrides
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
@@ -132,30 +132,19 @@ def run_al(out: Path, seeds: int, strategies: tuple[str, ...], first_seed: int =
     curves = {}
     for strategy in strategies:
         for seed in range(first_seed, first_seed + seeds):
-            training = json.loads(json.dumps(MODEL))
-            if strategy.startswith("ensemble"):  # ensemble, ensemble_random
-                training["model"]["head"] = "none"
-                training.pop("head")
-                training["ensemble"] = {"size": 5}
             cfg = load_al_config(None, [
                 f"train={out / 'start.extxyz'}", f"pool={out / 'pool.extxyz'}",
                 f"test=['{out / 'test_id.extxyz'}', '{out / 'test_shift.extxyz'}']",
                 "oracle=xtb", f"rounds={ROUNDS}", f"per_round={PER_ROUND}", f"seed={seed}",
-                "workers=0", "selection=" + ("random" if strategy.endswith("random") else "uncertainty"),
-                f"training={json.dumps(training)}"])
+                "workers=0", *strategy_overrides(MODEL, strategy)])
             t0 = time.perf_counter()
             run = out / f"{strategy}_seed{seed}"  # true_error: selection swapped by the caller
             run_active_learning(cfg, run)
-            rows = []
-            for r in range(ROUNDS + 1):
-                ev = json.loads((run / f"round_{r:02d}/evaluation.json").read_text())
-                row = {"labelled": ev["labelled"], "mae_id": ev["test_id"]["force_mae"],
-                       "mae_shift": ev["test_shift"]["force_mae"]}
-                if r < ROUNDS:
-                    picked = read(run / f"round_{r:02d}/selected.extxyz", index=":")
-                    row["selected_new"] = sum(pool_topology[int(a.info["pool_index"])] not in known
-                                              for a in picked)
-                rows.append(row)
+            rows = learning_curve(run, ROUNDS, {"test_id": "mae_id", "test_shift": "mae_shift"})
+            for r, row in enumerate(rows[:-1]):
+                picked = read(run / f"round_{r:02d}/selected.extxyz", index=":")
+                row["selected_new"] = sum(pool_topology[int(a.info["pool_index"])] not in known
+                                          for a in picked)
             curves[f"{strategy}_seed{seed}"] = {"rows": rows, "wall_s": time.perf_counter() - t0}
             print(strategy, seed, [(round(r["mae_id"], 4), round(r["mae_shift"], 4))
                                    for r in rows], flush=True)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from al_true_error import selecting_by_true_error
+from al_common import learning_curve, selecting_by_true_error, strategy_overrides
 from ase import units
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
@@ -102,27 +102,17 @@ def run_al(out: Path, seeds: int, md_temperature: float = 500, stop: str | None 
     curves = {}
     for strategy in strategies:
         for seed in range(first_seed, first_seed + seeds):
-            training = json.loads(json.dumps(MODEL))
-            if strategy.startswith("ensemble"):  # ensemble, ensemble_random
-                training["model"]["head"] = "none"
-                training.pop("head")
-                training["ensemble"] = {"size": 5}
             cfg = load_al_config(None, [
                 f"train={out / 'train_300K.extxyz'}",
                 f"test=['{out / 'test_300K.extxyz'}', '{out / 'test_600K.extxyz'}']",
                 "oracle=xtb", "rounds=5", "per_round=10", f"seed={seed}", "workers=0",
-                "selection=" + ("random" if strategy.endswith("random") else "uncertainty"),
                 "md.steps=400", f"md.temperature={md_temperature}", "md.interval=10",
-                f"md.trajectories={trajectories}", f"training={json.dumps(training)}",
+                f"md.trajectories={trajectories}", *strategy_overrides(MODEL, strategy),
                 *([f"md.max_uncertainty={stop}"] if stop else []), *overrides])
             t0 = time.perf_counter()
             run = out / f"{tag}{strategy}_seed{seed}"
             run_active_learning(cfg, run)
-            rows = []
-            for r in range(6):
-                ev = json.loads((run / f"round_{r:02d}/evaluation.json").read_text())
-                rows.append({"labelled": ev["labelled"], "mae_300K": ev["test_300K"]["force_mae"],
-                             "mae_600K": ev["test_600K"]["force_mae"]})
+            rows = learning_curve(run, 5, {"test_300K": "mae_300K", "test_600K": "mae_600K"})
             curves[f"{strategy}_seed{seed}"] = {"rows": rows,
                                                 "wall_s": time.perf_counter() - t0}
             print(strategy, seed, [round(r["mae_600K"], 4) for r in rows], flush=True)

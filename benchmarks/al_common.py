@@ -1,0 +1,67 @@
+"""Pieces the active-learning benchmarks (active_learning_xtb.py, active_learning_silica_xtb.py)
+share: what a strategy name sets in the loop's configuration, the learning curve of a finished
+run, and the oracle ranking they compare selection rules with (a baseline, not a method, and not
+a bound on every rule): rank the candidates by the round model's *true* force error instead of its
+uncertainty, then pick the same diverse subset the real rule picks (`select_diverse`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+
+
+def strategy_overrides(model: dict, strategy: str) -> list[str]:
+    """Loop overrides for `strategy` with the single-model training config `model`: e2ip and
+    true_error (the e2IP model, uncertainty selection), random (the e2IP model, random frames),
+    ensemble (5 plain PaiNN members, each with the full budget, selecting by their spread),
+    ensemble_random (those members, random frames)."""
+    training = json.loads(json.dumps(model))  # a deep copy of plain data
+    if strategy.startswith("ensemble"):
+        training["model"]["head"] = "none"
+        training.pop("head")
+        training["ensemble"] = {"size": 5}
+    selection = "random" if strategy.endswith("random") else "uncertainty"
+    return [f"selection={selection}", f"training={json.dumps(training)}"]
+
+
+def learning_curve(run: Path, rounds: int, tests: dict[str, str]) -> list[dict]:
+    """One row per round of a finished loop in `run`: labelled frames and the force MAE (eV/Å)
+    on each test set, under the key `tests` maps its file stem to."""
+    rows = []
+    for r in range(rounds + 1):
+        ev = json.loads((run / f"round_{r:02d}/evaluation.json").read_text())
+        rows.append({"labelled": ev["labelled"],
+                     **{key: ev[stem]["force_mae"] for stem, key in tests.items()}})
+    return rows
+
+
+@contextmanager
+def selecting_by_true_error(errors_of: Callable[[list[Atoms]], np.ndarray]) -> Iterator[None]:
+    """While active, the loop's uncertainty selection ranks candidates by `errors_of(candidates)`
+    (each frame's true force MAE, eV/Å, against the oracle; the frames carry the model's
+    ``e2ip_forces``). Monkeypatches the loop's private `_select`: a benchmark device only."""
+    from e2ip.dynamics.active_learning import loop
+    from e2ip.dynamics.active_learning.selection import distance_histogram, select_diverse
+
+    def by_error(cfg, rnd, candidates):
+        target = rnd.file("selected.extxyz")
+        if target.exists():
+            return loop._read_frames(target)
+        descriptors = np.stack([distance_histogram(f) for f in candidates])
+        chosen = select_diverse(np.asarray(errors_of(candidates)), descriptors,
+                                min(cfg.per_round, len(candidates)), cfg.pool_factor)
+        selected = [candidates[int(i)] for i in chosen]
+        loop._atomic_write_frames(target, selected)
+        return selected
+
+    real = loop._select
+    loop._select = by_error
+    try:
+        yield
+    finally:
+        loop._select = real
