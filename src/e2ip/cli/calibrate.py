@@ -21,23 +21,35 @@ def add_parser(subparsers) -> None:
                    help="first switch an e2IP model to `evidence: feature_distance`, fitted on "
                    "TRAIN (the data it was trained on): its epistemic part then grows with each "
                    "atom's distance from the training data (docs/uncertainty_under_shift.md)")
+    p.add_argument("--r-bins", type=int, default=None, metavar="N",
+                   help="with --feature-distance: also fit one variance factor per bin of N "
+                   "equal quantile bins of the feature distance r (head.calibration_r_bins; 0: "
+                   "none; docs/uncertainty_under_shift.md)")
     add_read_options(p)
 
 
 def run(args) -> int:
+    from e2ip.errors import ModelError
     from e2ip.models.io import load_model
 
     path = model_file(args.model)
     model = load_model(path)
+    if args.r_bins is not None and not args.feature_distance:
+        raise ModelError("calibrate: --r-bins needs --feature-distance TRAIN (the bins are of "
+                         "the feature distance fitted on TRAIN)")
     if args.feature_distance:
         train = read_with_options(args, args.feature_distance, require_energy=False,
                                    require_forces=False)
-        model = model.with_feature_distance(train, batch_size=args.batch_size)
+        model = model.with_feature_distance(train, batch_size=args.batch_size,
+                                            r_bins=args.r_bins)
         print(f"feature distance fitted on {len(train)} structures of {args.feature_distance}")
     value = model.calibrate(read_eval_data(args), batch_size=args.batch_size)
     extra = model.calibration() or {}
     if "epistemic_scale" in extra:
         print(f"{model.label()}: epistemic_scale = {extra['epistemic_scale']:.6g}")
+    if "r_bin_factors" in extra:
+        factors = ", ".join(f"{f:.3g}" for f in extra["r_bin_factors"])
+        print(f"{model.label()}: factors per bin of r = {factors}")
     unit = " (eV/Å)^2" if model.calibration_method.endswith("_floor") else ""
     print(f"{model.label()}: {model.calibration_method} = {value:.6g}{unit}")
     out = Path(args.out) if args.out else path

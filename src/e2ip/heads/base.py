@@ -33,7 +33,9 @@ class Head(Configurable, nn.Module, ABC):
     - for heads whose uncertainty needs statistics of the training data (``uses_feature_statistics``):
       ``fit_feature_statistics(batches)`` with the training atoms' backbone features;
     - for heads whose epistemic part the calibration scales on its own (``scales_epistemic``):
-      ``scale_epistemic(params, t)``, the parameters with the epistemic covariance times t.
+      ``scale_epistemic(params, t)``, the parameters with the epistemic covariance times t;
+    - for heads whose calibration also bins the feature distance (``r_bins`` >= 2):
+      ``r_bin_factor(params)`` (N,) and ``set_r_bins(edges, factors)``.
     """
 
     name: ClassVar[str] = ""
@@ -46,6 +48,7 @@ class Head(Configurable, nn.Module, ABC):
     has_epistemic: ClassVar[bool] = True
     uses_feature_statistics: bool = False
     scales_epistemic: bool = False
+    r_bins: int = 0
 
     def __init__(self, dims: FeatureDims, force_scale: float, hparams):
         super().__init__()

@@ -64,6 +64,11 @@ class E2IPHyperparameters:
     #: with fewer training atoms than features uses the pooled one), so an atom's r ~ 1 in
     #: distribution whatever the composition; false: one for all atoms (as in e2ip 0.2).
     feature_per_element: bool = True
+    #: With n >= 2 (and the feature-distance evidence), calibration also fits one variance factor
+    #: per quantile bin of r over the calibration atoms (by the NLL, after the two scales); in
+    #: the form 'cal' an atom's covariances are multiplied by its bin's factor (atoms beyond the
+    #: last edge take the last bin's). 0: off (docs/uncertainty_under_shift.md).
+    calibration_r_bins: int = 0
 
 
 
@@ -101,6 +106,15 @@ class E2IPHead(Head):
             self.feature_distance = FeatureDistance(
                 dims.num_scalars, hparams.feature_ridge, centred=hparams.feature_centred,
                 num_groups=dims.num_species if hparams.feature_per_element else 1)
+        self.r_bins = int(hparams.calibration_r_bins)
+        if self.r_bins:
+            if self.r_bins < 2 or not self.uses_feature_statistics:
+                raise ValueError("e2ip head: calibration_r_bins must be 0 (off) or >= 2, with "
+                                 f"evidence: feature_distance (got {self.r_bins}, evidence "
+                                 f"{hparams.evidence!r})")
+            # fitted by the model's calibration (set_r_bins); factors of 1 until then
+            self.register_buffer("r_bin_edges", torch.zeros(self.r_bins - 1, dtype=torch.float64))
+            self.register_buffer("r_bin_factors", torch.ones(self.r_bins, dtype=torch.float64))
         k = hparams.tensor_channels
         self.use_native_l2 = dims.num_tensors > 0
         if self.use_native_l2:
@@ -170,6 +184,17 @@ class E2IPHead(Head):
 
     def feature_statistics_fitted(self) -> bool:
         return not self.uses_feature_statistics or bool(self.feature_distance.fitted)
+
+    def r_bin_factor(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N,) each atom's variance factor from the bin of its feature distance r (bins
+        (edge_{b-1}, edge_b], as numpy.searchsorted); needs `calibration_r_bins` >= 2."""
+        r = params["feature_distance"]
+        which = torch.bucketize(r.to(self.r_bin_edges.dtype), self.r_bin_edges)
+        return self.r_bin_factors[which].to(r.dtype)
+
+    def set_r_bins(self, edges: torch.Tensor, factors: torch.Tensor) -> None:
+        self.r_bin_edges.copy_(edges)
+        self.r_bin_factors.copy_(factors)
 
     def scale_epistemic(self, params: dict[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:
         # U_epi = U_ale / kappa: t U_epi is kappa / t; the aleatoric part keeps nu and Sigma0

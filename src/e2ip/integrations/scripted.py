@@ -26,6 +26,12 @@ class ScriptedPotential(nn.Module):
         self.has_uncertainty = bool(model.has_uncertainty)
         # the form's calibration, as PotentialModel.covariances applies it
         self.epistemic_factor, self.variance_factor = model.form_factors(form)
+        # and its per-bin factors of the feature distance (none: no edges, one factor of 1)
+        binned = bool(model.head.r_bins) and model.resolve_form(form) == "cal"
+        self.register_buffer("r_bin_edges", model.head.r_bin_edges.detach().clone() if binned
+                             else torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("r_bin_factors", model.head.r_bin_factors.detach().clone()
+                             if binned else torch.ones(1, dtype=torch.float64))
 
     def forward(self, numbers: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor,
                 batch: torch.Tensor, num_graphs: int,
@@ -40,8 +46,13 @@ class ScriptedPotential(nn.Module):
             params = self.head(features)
             if self.epistemic_factor != 1.0:
                 params = self.head.scale_epistemic(params, self.epistemic_factor)
+            factor = torch.full_like(atomic, self.variance_factor)
+            if "feature_distance" in params:
+                which = torch.bucketize(params["feature_distance"].to(self.r_bin_edges.dtype),
+                                        self.r_bin_edges)
+                factor = factor * self.r_bin_factors[which].to(factor.dtype)
             for key, value in self.head.covariances(params, None).items():
-                covariances[key] = value * self.variance_factor
+                covariances[key] = value * factor[:, None, None]
         return atomic, covariances
 
 

@@ -25,7 +25,10 @@ what is missing, so such files load as what they are):
    the ensemble's calibration by NLL, ``N(mu, t U_epi + s^2 I)`` (spec ``calibration_form``
    ``nll``; buffer ``epistemic_scale`` t): files without them had the paper's floor (plain
    ensembles, ``paper_floor``) or one scale on both parts (heteroskedastic: t = s);
-   the ``uncertainty_threshold`` buffer of every model (NaN: none fitted).
+   the ``uncertainty_threshold`` buffer of every model (NaN: none fitted);
+5. the e2IP head's ``calibration_r_bins`` option (with n >= 2 the buffers ``r_bin_edges``
+   (n-1,) and ``r_bin_factors`` (n,), variance factors per bin of the feature distance):
+   files without it had none (0).
 
 Changing what a model writes means: bump ``MODEL_VERSION``, add the upgrade from the previous
 version to ``UPGRADES``, commit a file of the new version under ``tests/data/model_files/`` and
@@ -55,7 +58,7 @@ from e2ip.registry import Registry
 
 MODEL_FORMAT = "e2ip-model"
 #: the version written now; see the module docstring for what each version added
-MODEL_VERSION = 4
+MODEL_VERSION = 5
 #: the model file inside a run folder (`e2ip train --out FOLDER` writes FOLDER/model.pt)
 MODEL_FILE_NAME = "model.pt"
 DTYPES = ("float32", "float64")
@@ -223,9 +226,17 @@ def _upgrade_3_to_4(payload: dict) -> None:
         state.setdefault("uncertainty_threshold", nan.clone())
 
 
+def _upgrade_4_to_5(payload: dict) -> None:
+    """Version 5: the e2IP head's calibration_r_bins (files without it had no bins: 0)."""
+    for spec, _ in _single_models(payload):
+        options = spec.get("head_options")
+        if spec.get("head", "e2ip") == "e2ip" and isinstance(options, dict):
+            options.setdefault("calibration_r_bins", 0)
+
+
 #: UPGRADES[v] brings a payload of version v to version v + 1 (in place)
 UPGRADES: dict[int, Callable[[dict], None]] = {1: _upgrade_1_to_2, 2: _upgrade_2_to_3,
-                                               3: _upgrade_3_to_4}
+                                               3: _upgrade_3_to_4, 4: _upgrade_4_to_5}
 
 
 def upgrade_payload(payload: dict, source: str = "model file") -> dict:

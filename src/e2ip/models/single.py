@@ -17,8 +17,18 @@ from e2ip.models.io import register_kind
 from e2ip.models.potential import Potential, trace
 from e2ip.models.state import portable_state_dict
 from e2ip.nn.scatter import scatter_sum
-from e2ip.stats.calibration import fit_variance_and_epistemic_scale, fit_variance_scale
+from e2ip.stats.calibration import (
+    fit_r_bin_factors,
+    fit_variance_and_epistemic_scale,
+    fit_variance_scale,
+)
 from e2ip.stats.predictive import StudentT, concatenate
+
+
+def _is_one(factor: float | torch.Tensor) -> bool:
+    """Whether a covariance factor changes nothing (a per-atom tensor always counts as a change:
+    no host sync to look at its values)."""
+    return not isinstance(factor, torch.Tensor) and factor == 1.0
 
 
 def atomic_energies(eps: torch.Tensor, energy_scale: float, reference_energies: torch.Tensor,
@@ -261,6 +271,9 @@ class PotentialModel(Potential):
         out = super().calibration()
         if out is not None and self.head.scales_epistemic:
             out["epistemic_scale"] = float(self.epistemic_scale)
+        if out is not None and self.head.r_bins:
+            out["r_bin_edges"] = self.head.r_bin_edges.tolist()
+            out["r_bin_factors"] = self.head.r_bin_factors.tolist()
         return out
 
     def form_factors(self, form: str | None) -> tuple[float, float]:
@@ -272,11 +285,14 @@ class PotentialModel(Potential):
         epistemic = float(self.epistemic_scale) if self.head.scales_epistemic else 1.0
         return epistemic, float(self.variance_scale)
 
-    def _form_params(self, params, form: str | None) -> tuple[dict, float]:
-        """The head parameters of `form` and the factor on every covariance."""
+    def _form_params(self, params, form: str | None) -> tuple[dict, float | torch.Tensor]:
+        """The head parameters of `form` and the factor on every covariance: a float, or (N,)
+        per atom in the form 'cal' of a head that bins r (`calibration_r_bins`)."""
         epistemic, variance = self.form_factors(form)
         if epistemic != 1.0:  # (dividing kappa by 1 changes nothing)
             params = self.head.scale_epistemic(params, epistemic)
+        if self.head.r_bins and self.resolve_form(form) == "cal":
+            return params, self.head.r_bin_factor(params) * variance
         return params, variance
 
     def predictive(self, params, forces, form: str | None = None):
@@ -288,7 +304,7 @@ class PotentialModel(Potential):
             return None
         params, factor = self._form_params(params, form)
         pred = self.head.predictive(params, forces)
-        return pred if factor == 1.0 else pred.scaled(factor)
+        return pred if _is_one(factor) else pred.scaled(factor)
 
     def covariances(self, params, forces, form: str | None = None) -> dict[str, torch.Tensor]:
         """(N, 3, 3) `aleatoric`, `epistemic`, `predictive` covariances in (eV/Å)^2 (and the
@@ -297,7 +313,11 @@ class PotentialModel(Potential):
             return {}
         params, factor = self._form_params(params, form)
         covs = self.head.covariances(params, forces)
-        return covs if factor == 1.0 else {k: v * factor for k, v in covs.items()}
+        if _is_one(factor):
+            return covs
+        if isinstance(factor, torch.Tensor):
+            factor = factor[:, None, None]
+        return {k: v * factor for k, v in covs.items()}
 
     def _fit_calibration(self, batches) -> float:
         """Variance scale minimising the mean predictive NLL on the held-out batches (with the
@@ -319,6 +339,11 @@ class PotentialModel(Potential):
                                  "TRAIN --data VALIDATION` (model.with_feature_distance(train))")
             factor, epistemic = fit_variance_and_epistemic_scale(predictive_for, ref)
             self.epistemic_scale.fill_(epistemic)
+            if self.head.r_bins:  # per bin of r, on top of the two scales
+                distance = torch.cat([out["params"]["feature_distance"] for _, out in batches])
+                self.head.set_r_bins(*fit_r_bin_factors(
+                    predictive_for(epistemic).scaled(factor).detached(), ref, distance,
+                    self.head.r_bins))
         else:
             pred = concatenate([self.head.predictive(out["params"], out["forces"])
                                 for _, out in batches])
@@ -326,23 +351,31 @@ class PotentialModel(Potential):
         self.variance_scale.fill_(factor)
         return factor
 
-    def with_feature_distance(self, train_structures, batch_size: int = 32) -> PotentialModel:
+    def with_feature_distance(self, train_structures, batch_size: int = 32,
+                              r_bins: int | None = None) -> PotentialModel:
         """A copy of this e2IP model with `evidence: feature_distance`, its feature distance
         fitted on `train_structures` (the data it was trained on) and uncalibrated. Training is
         the same with either evidence (the distance is 1 until fitted), so this equals training
-        with `evidence: feature_distance` from the start."""
+        with `evidence: feature_distance` from the start. `r_bins`: set the head's
+        `calibration_r_bins` too (None: keep it)."""
         if not self.head.supports_feature_distance:
             raise ModelError(f"the feature-distance evidence needs an e2IP head; {self.label()} "
                              "has none")
         spec = self.spec()
         spec["head_options"] = type(self.head).feature_distance_options(spec["head_options"])
-        model = type(self).from_spec(spec).to(device=self.device, dtype=self.dtype)
+        if r_bins is not None:
+            spec["head_options"]["calibration_r_bins"] = int(r_bins)
+        try:
+            model = type(self).from_spec(spec).to(device=self.device, dtype=self.dtype)
+        except ValueError as exc:  # e.g. calibration_r_bins 1
+            raise ModelError(str(exc)) from None
+        fitted_after_training = ("head.feature_distance.", "head.r_bin_")
         state = {k: v for k, v in portable_state_dict(self.state_dict()).items()
-                 if not k.startswith("head.feature_distance.")}
+                 if not k.startswith(fitted_after_training)}
         state["variance_scale"] = torch.ones((), dtype=torch.float64)
         state["epistemic_scale"] = torch.ones((), dtype=torch.float64)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or not all(k.startswith("head.feature_distance.") for k in missing):
+        if unexpected or not all(k.startswith(fitted_after_training) for k in missing):
             raise ModelError(f"cannot switch {self.label()} to the feature-distance evidence "
                              f"(state mismatch: {sorted(unexpected or missing)[:3]})")
         model._compile_options = self._compile_options

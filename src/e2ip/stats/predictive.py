@@ -115,8 +115,19 @@ class StudentT(Predictive):
         return StudentT(torch.einsum("nij,nj->ni", r, self.loc), rs, self.dof, logdet=self.logdet)
 
     def scaled(self, factor):
+        """Every scale times `factor`: a float, or a tensor (N,) of one factor per atom."""
+        if isinstance(factor, torch.Tensor):
+            f = factor.to(self.scale.dtype)
+            return StudentT(self.loc, self.scale * f[:, None, None], self.dof,
+                            scale_inv=self.scale_inv / f[:, None, None],
+                            logdet=self.logdet + D * torch.log(f))
         return StudentT(self.loc, self.scale * factor, self.dof, scale_inv=self.scale_inv / factor,
                         logdet=self.logdet + D * math.log(factor))
+
+    def select(self, mask: torch.Tensor) -> StudentT:
+        """The atoms where `mask` (N,) bool is true."""
+        return StudentT(self.loc[mask], self.scale[mask], self.dof[mask],
+                        scale_inv=self.scale_inv[mask], logdet=self.logdet[mask])
 
 
 class Gaussian(Predictive):

@@ -211,6 +211,22 @@ def test_cli_calibrate_switches_a_trained_model_to_the_feature_distance(tmp_path
     model = load_model(tmp_path / "fd.pt")
     assert model.label() == "e2IP-FD (painn)" and bool(model.head.feature_distance.fitted)
     assert model.calibration()["epistemic_scale"] > 0
+    assert model.head.r_bins == 0
+    # with bins of r: fitted, stored, printed; and a model that has bins can be rebinned
+    for source, bins in (("m.pt", 3), ("binned.pt", 4)):
+        assert main(["calibrate", str(tmp_path / source), "--data", data, "--index", ":30",
+                     "--feature-distance", str(demo_data_path()), "--r-bins", str(bins),
+                     "--out", str(tmp_path / "binned.pt")]) == 0
+        assert "factors per bin of r" in capsys.readouterr().out
+        binned = load_model(tmp_path / "binned.pt")
+        factors = binned.calibration()["r_bin_factors"]
+        assert len(factors) == bins and len(set(factors)) == bins  # fitted, not the ones
+    for bad, message in ((["--r-bins", "3"], "needs --feature-distance"),
+                         (["--feature-distance", str(demo_data_path()), "--r-bins", "1"],
+                          "calibration_r_bins must be")):
+        assert main(["calibrate", str(tmp_path / "m.pt"), "--data", data, *bad]) != 0
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
 
 
 def test_training_with_the_default_feature_distance_fits_it_and_reports_both_scales(tmp_path):
@@ -246,3 +262,85 @@ def test_an_unfitted_feature_distance_is_refused_at_calibration_and_ensembles_fi
 def test_new_models_get_the_feature_distance_evidence():
     # files from before the option load as the paper's e2IP: tests/unit/models/test_model_files.py
     assert PotentialModel(elements=[1], cutoff=4.0).head.hparams.evidence == "feature_distance"
+
+
+def _binned_model(bins: int = 4):
+    base = _model()
+    spec = base.spec()
+    spec["head_options"] = {**spec["head_options"], "evidence": "feature_distance",
+                            "calibration_r_bins": bins}
+    model = type(base).from_spec(spec).double()
+    missing, _ = model.load_state_dict(base.state_dict(), strict=False)  # the same weights
+    assert all(k.startswith(("head.feature_distance.", "head.r_bin_")) for k in missing)
+    model.fit_training_statistics(read_structures(demo_data_path(), index=":40"))
+    return model.eval()
+
+
+def test_r_bin_factors_are_each_bins_nll_minimum_and_scale_the_calibrated_form(tmp_path):
+    from scipy.optimize import minimize_scalar
+
+    from e2ip.integrations.scripted import ScriptedPotential
+
+    model = _binned_model(4)
+    structures = read_structures(demo_data_path(test=True), index=":120")
+    graph = graph_from_structures(structures, model.cutoff, torch.float64)
+    out = model(graph, create_graph=False)
+    params = {k: v.detach() for k, v in out["params"].items()}
+    r = params["feature_distance"].numpy()
+    truth = model.head.predictive(model.head.scale_epistemic(params, 2.0), out["forces"].detach())
+    inflate = np.where(r > np.quantile(r, 0.75), 4.0, 1.0)  # the farthest quarter: 4x wider
+    draws = truth.scaled(torch.from_numpy(inflate)).sample(5, torch.Generator().manual_seed(3))
+    labelled = []
+    for copy in draws:
+        k = 0
+        for s in structures:
+            labelled.append(dataclasses.replace(s, forces=copy[k:k + s.n_atoms].numpy()))
+            k += s.n_atoms
+    model.calibrate(labelled, batch_size=200)
+    s, t = float(model.variance_scale), float(model.epistemic_scale)
+    edges, factors = model.head.r_bin_edges.numpy(), model.head.r_bin_factors.numpy()
+    r_all = np.tile(r, 5)
+    np.testing.assert_allclose(edges, np.quantile(r_all, [0.25, 0.5, 0.75]), rtol=1e-12)
+    # reference: per bin, the Student-t NLL minimum over c of the two-scale predictive x c
+    two = model.head.predictive(model.head.scale_epistemic(params, t), out["forces"]).scaled(s)
+    y = torch.cat([torch.from_numpy(np.asarray(c)) for c in draws])
+    m = torch.cat([two.mahalanobis(y[k * len(r):(k + 1) * len(r)]) for k in range(5)]).numpy()
+    nu = np.tile(two.dof.detach().numpy(), 5)
+    which = np.searchsorted(edges, r_all)
+    for b in range(4):
+        mb, nb = m[which == b], nu[which == b]
+        res = minimize_scalar(lambda x, mb=mb, nb=nb: np.mean(
+            1.5 * x + (nb + 3) / 2 * np.log1p(mb / (np.exp(x) * nb))), bounds=(-7, 7),
+            method="bounded", options={"xatol": 1e-8})
+        assert factors[b] == pytest.approx(np.exp(res.x), rel=2e-3)
+    assert factors[3] > 2 * factors[:3].mean()  # the inflated quarter is seen
+    assert model.calibration()["r_bin_factors"] == pytest.approx(factors.tolist())
+    # form 'cal': the two-scale covariances times the factor of each atom's bin; 'raw' unchanged
+    cal = model.covariances(out["params"], out["forces"], "cal")
+    two_cal = two.covariance().detach().numpy()
+    per_atom = factors[np.searchsorted(edges, r)]
+    np.testing.assert_allclose(cal["predictive"].detach().numpy(),
+                               two_cal * per_atom[:, None, None], rtol=1e-10)
+    raw = model.covariances(out["params"], out["forces"], "raw")["predictive"].detach()
+    torch.testing.assert_close(raw, model.head.covariances(params, out["forces"])["predictive"])
+    pred = model.predictive(out["params"], out["forces"], "cal")
+    torch.testing.assert_close(pred.covariance(), cal["predictive"])
+    # saved and loaded, and in the TorchScript form engines run: the same binned covariances
+    model.save(tmp_path / "binned.pt")
+    again = load_model(tmp_path / "binned.pt")
+    torch.testing.assert_close(again.covariances(again(graph, create_graph=False)["params"],
+                                                 None, "cal")["predictive"], cal["predictive"])
+    scripted = torch.jit.script(ScriptedPotential(model, "cal"))
+    species_graph = graph
+    _, covs = scripted(species_graph.numbers, species_graph.edge_index,
+                       species_graph.edge_vectors(species_graph.positions), species_graph.batch,
+                       species_graph.num_graphs)
+    torch.testing.assert_close(covs["predictive"], cal["predictive"].detach())
+
+
+@pytest.mark.parametrize("options", [{"calibration_r_bins": 1},
+                                     {"calibration_r_bins": 3, "evidence": "learned"}])
+def test_r_bins_need_two_bins_and_the_feature_distance(options):
+    with pytest.raises(ValueError, match="calibration_r_bins"):
+        PotentialModel(elements=[1, 6, 8], cutoff=4.0, head_options=options,
+                       backbone_options={"num_features": 8, "num_layers": 1, "num_radial": 6})

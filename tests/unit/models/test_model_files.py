@@ -70,7 +70,8 @@ def test_upgrades_reach_every_member_of_an_ensemble_and_keep_what_is_there():
                "state_dict": {"members.1.variance_scale": torch.tensor(2.5, dtype=torch.float64)}}
     upgrade_payload(payload)
     members = payload["spec"]["members"]
-    legacy_distance = {"feature_centred": False, "feature_per_element": False}  # version 4
+    legacy_distance = {"feature_centred": False, "feature_per_element": False,  # version 4
+                       "calibration_r_bins": 0}  # version 5
     assert members[0]["head_options"] == {"evidence": "learned", "hidden": 8, **legacy_distance}
     assert members[1]["head_options"] == {"evidence": "feature_distance", **legacy_distance}
     assert "evidence" not in members[2]["head_options"]  # only the e2IP head has the option
