@@ -119,11 +119,11 @@ class MixtureDistance(nn.Module):
 
     def m_eff(self, h: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         h = h.double()
-        x = torch.einsum("gef,ngf->nge", self.proj, h[:, None, :] - self.mu[None])
-        x = x[torch.arange(len(h)), groups]  # (n, F): each atom in its own element's coordinates
-        z = torch.einsum("nkef,nkf->nke", self.whitening[groups],
-                         x[:, None, :] - self.means[groups])
-        m = z.square().sum(-1)  # (n, K)
+        x = torch.einsum("gef,ngf->nge", self.proj, h[:, None, :] - self.mu[None])  # (n, G, F)
+        # every group's components, then each atom's own group: G K small products per atom
+        z = (torch.einsum("gkef,ngf->ngke", self.whitening, x)
+             - torch.einsum("gkef,gkf->gke", self.whitening, self.means))
+        m = z.square().sum(-1)[torch.arange(len(h)), groups]  # (n, K)
         log_p = torch.logsumexp(self.log_weight[groups] - m / 2, dim=1)
         return (-2 * log_p - self.floor[groups]).clamp_min(0)
 
@@ -147,8 +147,9 @@ def em(x: torch.Tensor, k: int, iterations: int = 100, seed: int = 0):
     eye = torch.eye(f, dtype=x.dtype)
     for _ in range(iterations):
         chol = torch.linalg.cholesky(covs)
-        diff = x[:, None, :] - means[None]  # (n, k, F)
-        sol = torch.linalg.solve_triangular(chol[None], diff[..., None], upper=False)[..., 0]
+        inv_chol = torch.linalg.inv(chol)  # (k, F, F): one product per component, not n solves
+        sol = torch.einsum("kef,nf->nke", inv_chol, x) - torch.einsum("kef,kf->ke", inv_chol,
+                                                                       means)
         log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
         log_r = torch.log(weights) - 0.5 * (sol.square().sum(-1) + log_det)
         resp = torch.softmax(log_r, dim=1)  # (n, k)
