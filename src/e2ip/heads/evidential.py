@@ -67,7 +67,9 @@ class E2IPHyperparameters:
     #: With n >= 2 (and the feature-distance evidence), calibration also fits one variance factor
     #: per quantile bin of r over the calibration atoms (by the NLL, after the two scales); in
     #: the form 'cal' an atom's covariances are multiplied by its bin's factor (atoms beyond the
-    #: last edge take the last bin's). 0: off (docs/uncertainty_under_shift.md).
+    #: last edge take the last bin's). 0: off (docs/uncertainty_under_shift.md). The factors
+    #: are piecewise constant in r: an uncertainty bias in MD (`--bias-strength`) then has jumps
+    #: its forces do not see.
     calibration_r_bins: int = 0
 
 

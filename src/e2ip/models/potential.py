@@ -155,9 +155,11 @@ class Potential(nn.Module, ABC):
         returns the number of atoms used, or None when the kind needs nothing (default)."""
         return None
 
-    def with_feature_distance(self, train_structures, batch_size: int = 32) -> Potential:
+    def with_feature_distance(self, train_structures, batch_size: int = 32,
+                              r_bins: int | None = None) -> Potential:
         """A copy whose epistemic part grows with the distance of each atom's features from
-        `train_structures` (e2IP's `evidence: feature_distance`); kinds without it refuse."""
+        `train_structures` (e2IP's `evidence: feature_distance`; `r_bins`: its calibration's
+        bins of that distance, None: as the model has them); kinds without it refuse."""
         raise ModelError(f"the feature-distance evidence needs an e2IP head; {self.label()} has "
                          "none")
 

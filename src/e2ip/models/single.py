@@ -325,7 +325,8 @@ class PotentialModel(Potential):
 
         Why: the head's scale is learned against the errors of the weights being trained, while
         predictions use the weight-averaged (EMA) weights; one scalar removes that mismatch."""
-        ref = torch.cat([g.forces for g, _ in batches]).double()
+        # on the CPU, with the detached (CPU, float64) predictives the fits compare it with
+        ref = torch.cat([g.forces for g, _ in batches]).double().cpu()
 
         def predictive_for(epistemic_scale: float):
             return concatenate([self.head.predictive(

@@ -75,15 +75,16 @@ def fit_r_bin_factors(predictive, forces_ref: torch.Tensor, distance: torch.Tens
     """(edges (bins-1,), factors (bins,)) float64: the quantiles of the feature distance r (N,)
     that split the atoms into `bins` equal bins (bins (edge_{b-1}, edge_b], torch.bucketize), and
     per bin the variance factor minimising the bin's mean NLL (:func:`fit_variance_scale`; 1 for
-    an empty bin). `predictive` (N atoms) must offer ``select(mask)``."""
+    an empty bin). `predictive` (N atoms, on the CPU like the detached predictives the
+    calibration fits) must offer ``select(mask)``."""
     r = distance.detach().double().cpu()
+    forces_ref = forces_ref.detach().double().cpu()
     edges = torch.quantile(r, torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1])
     which = torch.bucketize(r, edges)
     factors = torch.ones(bins, dtype=torch.float64)
     for b in range(bins):
         mask = which == b
         if mask.any():
-            mask = mask.to(forces_ref.device)
             factors[b] = fit_variance_scale(predictive.select(mask), forces_ref[mask])
     return edges, factors
 

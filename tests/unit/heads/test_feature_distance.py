@@ -221,10 +221,17 @@ def test_cli_calibrate_switches_a_trained_model_to_the_feature_distance(tmp_path
         binned = load_model(tmp_path / "binned.pt")
         factors = binned.calibration()["r_bin_factors"]
         assert len(factors) == bins and len(set(factors)) == bins  # fitted, not the ones
-    for bad, message in ((["--r-bins", "3"], "needs --feature-distance"),
-                         (["--feature-distance", str(demo_data_path()), "--r-bins", "1"],
-                          "calibration_r_bins must be")):
-        assert main(["calibrate", str(tmp_path / "m.pt"), "--data", data, *bad]) != 0
+    from e2ip import Ensemble
+
+    Ensemble([_model(), _model()]).save(tmp_path / "ensemble.pt")
+    for path, bad, message in (("m.pt", ["--r-bins", "3"], "needs --feature-distance"),
+                               ("m.pt", ["--feature-distance", str(demo_data_path()), "--r-bins",
+                                         "1"], "calibration_r_bins must be"),
+                               ("ensemble.pt", ["--feature-distance", str(demo_data_path())],
+                                "needs an e2IP head"),
+                               ("ensemble.pt", ["--feature-distance", str(demo_data_path()),
+                                                "--r-bins", "3"], "needs an e2IP head")):
+        assert main(["calibrate", str(tmp_path / path), "--data", data, *bad]) != 0
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
 

@@ -23,7 +23,7 @@ from e2ip.models.io import MODEL_VERSION, UPGRADES, read_model_payload, upgrade_
 from tests.support import REPO
 
 FILES = REPO / "tests/data/model_files"
-TAGS = ["v1-823660d", "v2-e87c727", f"v{MODEL_VERSION}"]
+TAGS = ["v1-823660d", "v2-e87c727", "v3", "v4", f"v{MODEL_VERSION}"]
 DEMO = REPO / "src/e2ip/data/demo/rmd17_ethanol_demo_test.npz"
 
 
@@ -44,10 +44,11 @@ def test_files_of_every_release_load_and_predict_as_when_written(name, tag):
         # float32 files: equal to float32 precision (the code that computes them has been reordered)
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-7, err_msg=key)
     if name == "e2ip_painn":
-        # files from before the evidence option had the paper's learned evidence; this release
-        # writes the feature-distance default
-        assert model.head.hparams.evidence == ("feature_distance" if tag.startswith(f"v{MODEL_VERSION}")
-                                               else "learned")
+        # files from before the evidence option (versions 1, 2) had the paper's learned
+        # evidence; since version 3 the feature-distance default is written
+        before_option = tag.startswith(("v1", "v2"))
+        assert model.head.hparams.evidence == ("learned" if before_option else "feature_distance")
+        assert model.head.r_bins == 0
         assert not model.calibrated
 
 
