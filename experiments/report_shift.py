@@ -293,11 +293,12 @@ def rewrite_markdown(dataset: str, suffix: str = "") -> None:
     print(f"written {stem}.md")
 
 
-def update_timing(dataset: str) -> None:
+def update_timing(dataset: str, suffix: str = "") -> None:
     """Measure the inference cost of seed 0's models alone (run it on an idle machine) and
-    rewrite the report's cost table with it; the metrics are left as they are."""
+    rewrite the cost table of the report uncertainty_shift_<dataset><suffix> with it; the
+    metrics are left as they are."""
     torch.set_num_threads(1)
-    stem = RESULTS / f"uncertainty_shift_{dataset}"
+    stem = RESULTS / f"uncertainty_shift_{dataset}{suffix}"
     results = json.loads(stem.with_suffix(".json").read_text())
     cfg, data = prepared(config(dataset))
     sets, reference = test_sets(dataset, data)

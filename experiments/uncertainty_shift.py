@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timing", action="store_true",
                         help="report: also time inference (run it alone on the machine)")
     parser.add_argument("--suffix", default="",
-                        help="report, markdown, summary: docs/results/uncertainty_shift_<dataset>"
+                        help="report, markdown, summary, timing: docs/results/uncertainty_shift_<dataset>"
                              "<suffix>.{json,md} (e.g. a report of some methods only)")
     args = parser.parse_args(argv)
     if "." in args.suffix:
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.action == "timing":  # alone on the machine: the report's cost table
         from report_shift import update_timing
 
-        update_timing(args.dataset)
+        update_timing(args.dataset, args.suffix)
     else:
         from report_shift import report  # noqa: PLC0415 - heavy imports only for the report
 
