@@ -13,7 +13,7 @@ weights of the uncertainty_shift runs, beside the default (centred, per-element 
   the last edge take the last bin's factor), so Cov@95 = 0.95 in every bin of the validation set;
   and, added after its first result, the **NLL scale by r-bin**: per bin the variance factor that
   minimises the bin's NLL on the validation set (it keeps the shape where conformal fixes one
-  level).
+  level; computed by the library's `fit_r_bin_factors`, what `head.calibration_r_bins` fits).
 
 Every variant keeps the head's two NLL-fitted scales (s, t) on the validation set. The constants
 (K = 4, B = 5, ridge 1e-3 of the mean variance, 10 F training atoms per mixture component) were
@@ -43,7 +43,7 @@ from torch import nn
 from e2ip.evaluation.evaluate import collect
 from e2ip.models.io import load_model
 from e2ip.stats import metrics as M
-from e2ip.stats.calibration import fit_variance_scale
+from e2ip.stats.calibration import fit_r_bin_factors
 from e2ip.stats.predictive import StudentT
 
 COMPONENTS = 4  # GMM: components per element (fewer where an element has few atoms)
@@ -214,15 +214,6 @@ def conformal_factors(pred: StudentT, y: torch.Tensor, r: np.ndarray):
     return edges, np.array(factors)
 
 
-def binned_nll_factors(pred: StudentT, y: torch.Tensor, r: np.ndarray, edges: np.ndarray):
-    """Per bin of r (the conformal bins) the variance factor minimising the bin's mean NLL: a
-    binned recalibration that keeps the shape (CE) where the conformal factor fixes one level.
-    Added after the conformal factor's first result (ethanol seed 0: CE 0.028 -> 0.082)."""
-    which = np.searchsorted(edges, r)
-    return np.array([fit_variance_scale(pred.select(torch.as_tensor(which == b)),
-                                        y[torch.as_tensor(which == b)]) for b in range(BINS)])
-
-
 # --------------------------------------------------------------------------------- metrics
 def set_metrics(pred, forces, forces_ref, u_epi, batch, u_ref_struct) -> dict[str, float]:
     unc = M.uncertainty_metrics(pred, forces_ref, u_epi, batch, n_samples=2)
@@ -252,7 +243,10 @@ def one_seed(dataset: str, seed: int, data, sets: dict, reference: str, batch: i
     cv = collect(default, data.validation, batch, ["cal"])
     r_val = default.predict(data.validation, batch)["feature_distance"]
     edges, conformal = conformal_factors(cv.forms["cal"].predictive, cv.forces_ref, r_val)
-    binned = binned_nll_factors(cv.forms["cal"].predictive, cv.forces_ref, r_val, edges)
+    # the library's r-bin calibration (head.calibration_r_bins) on the same bins
+    _, binned = fit_r_bin_factors(cv.forms["cal"].predictive, cv.forces_ref,
+                                  torch.from_numpy(r_val), BINS)
+    binned = binned.numpy()
     rescalings = {"conformal by r": conformal, "NLL scale by r-bin": binned}
 
     out = {"calibration": {k: m.calibration() for k, m in models.items()},

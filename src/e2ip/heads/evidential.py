@@ -74,6 +74,15 @@ class E2IPHyperparameters:
 
 
 
+def binned_factor(distance: torch.Tensor, edges: torch.Tensor,
+                  factors: torch.Tensor) -> torch.Tensor:
+    """(N,) the factor of the bin of each atom's feature distance r (N,): factors[b] for r in
+    (edges[b-1], edges[b]] (as numpy.searchsorted; empty `edges`: factors[0] everywhere).
+    A free function so the TorchScript export (e2ip.integrations.scripted) shares it."""
+    which = torch.bucketize(distance.to(edges.dtype), edges)
+    return factors[which].to(distance.dtype)
+
+
 class E2IPHead(Head):
     """Per atom: c0 (0e), c2 (2e), evidence kappa and nu; Sigma0 = expm((s_ref + c0') I + T(c2')).
 
@@ -190,9 +199,7 @@ class E2IPHead(Head):
     def r_bin_factor(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N,) each atom's variance factor from the bin of its feature distance r (bins
         (edge_{b-1}, edge_b], as numpy.searchsorted); needs `calibration_r_bins` >= 2."""
-        r = params["feature_distance"]
-        which = torch.bucketize(r.to(self.r_bin_edges.dtype), self.r_bin_edges)
-        return self.r_bin_factors[which].to(r.dtype)
+        return binned_factor(params["feature_distance"], self.r_bin_edges, self.r_bin_factors)
 
     def set_r_bins(self, edges: torch.Tensor, factors: torch.Tensor) -> None:
         self.r_bin_edges.copy_(edges)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from e2ip.backbones.base import with_species
+from e2ip.heads.evidential import binned_factor
 from e2ip.models.ensemble import Ensemble, member_spread
 from e2ip.models.single import PotentialModel, atomic_energies
 
@@ -48,9 +49,8 @@ class ScriptedPotential(nn.Module):
                 params = self.head.scale_epistemic(params, self.epistemic_factor)
             factor = torch.full_like(atomic, self.variance_factor)
             if "feature_distance" in params:
-                which = torch.bucketize(params["feature_distance"].to(self.r_bin_edges.dtype),
-                                        self.r_bin_edges)
-                factor = factor * self.r_bin_factors[which].to(factor.dtype)
+                factor = factor * binned_factor(params["feature_distance"], self.r_bin_edges,
+                                                self.r_bin_factors)
             for key, value in self.head.covariances(params, None).items():
                 covariances[key] = value * factor[:, None, None]
         return atomic, covariances
