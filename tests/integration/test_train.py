@@ -107,6 +107,14 @@ def test_config_errors_are_one_line(override, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_r_bins_on_an_ensemble_are_refused():
+    """An ensemble is calibrated on its members' spread: bins of r would be silently ignored."""
+    load_config(None, ["head.calibration_r_bins=5"])  # a single model bins r
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["head.calibration_r_bins=5", "ensemble.size=3"])
+    assert "'head.calibration_r_bins'" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_config_file_errors(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  max_epoch: 3\n")

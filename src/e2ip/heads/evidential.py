@@ -69,7 +69,8 @@ class E2IPHyperparameters:
     #: the form 'cal' an atom's covariances are multiplied by its bin's factor (atoms beyond the
     #: last edge take the last bin's). 0: off (docs/uncertainty_under_shift.md). The factors
     #: are piecewise constant in r: an uncertainty bias in MD (`--bias-strength`) then has jumps
-    #: its forces do not see.
+    #: its forces do not see. Single models only (an ensemble is calibrated on its members'
+    #: spread: refused with ensemble.size > 1).
     calibration_r_bins: int = 0
 
 

@@ -178,6 +178,10 @@ def config_from_dict(raw: dict | None) -> Config:
     if cfg.ensemble.calibration == "paper_floor" and m.head != "none" and cfg.ensemble.size > 1:
         raise ConfigError("'ensemble.calibration: paper_floor' is the paper's recipe for plain "
                           "ensembles (model.head: none); use nll")
+    if cfg.head.get("calibration_r_bins") and cfg.ensemble.size > 1:
+        raise ConfigError("'head.calibration_r_bins' bins a single model's feature distance; an "
+                          "ensemble (ensemble.size > 1) is calibrated on its members' spread and "
+                          "would ignore it: set it to 0 or ensemble.size to 1")
     if len(cfg.data.split) != 3:
         raise ConfigError(f"'data.split' must have 3 fractions (train, validation, test), "
                           f"got {cfg.data.split}")
