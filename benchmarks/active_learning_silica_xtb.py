@@ -23,9 +23,11 @@ frameworks the model has never seen. Which frames are worth a reference calculat
 3. ``--phases al_true_error``: the oracle ranking (a baseline, not a method): the same loop
    ranking the pool by the round model's true force MAE against GFN2-xTB (the whole pool
    labelled once, ``pool_labelled.extxyz``), then the same diverse subset as the real rule.
+4. ``--phases al_new_only``: the headroom on the new frameworks: every round labels random
+   frames of the new topologies only (read from the pool file's topology, which no model sees).
 
     python benchmarks/active_learning_silica_xtb.py \
-        [--phases data,al,al_ensemble,al_ensemble_random,al_true_error]
+        [--phases data,al,al_ensemble,al_ensemble_random,al_true_error,al_new_only]
 """
 
 from __future__ import annotations
@@ -123,7 +125,8 @@ def true_errors_from_labelled_pool(out: Path):
         for f in candidates])
 
 
-def run_al(out: Path, seeds: int, strategies: tuple[str, ...], first_seed: int = 0) -> dict:
+def run_al(out: Path, seeds: int, strategies: tuple[str, ...], first_seed: int = 0,
+           overrides: tuple[str, ...] = ()) -> dict:
     from e2ip.dynamics.active_learning.config import load_al_config
     from e2ip.dynamics.active_learning.loop import run_active_learning
 
@@ -136,7 +139,7 @@ def run_al(out: Path, seeds: int, strategies: tuple[str, ...], first_seed: int =
                 f"train={out / 'start.extxyz'}", f"pool={out / 'pool.extxyz'}",
                 f"test=['{out / 'test_id.extxyz'}', '{out / 'test_shift.extxyz'}']",
                 "oracle=xtb", f"rounds={ROUNDS}", f"per_round={PER_ROUND}", f"seed={seed}",
-                "workers=0", *strategy_overrides(MODEL, strategy)])
+                "workers=0", *strategy_overrides(MODEL, strategy), *overrides])
             t0 = time.perf_counter()
             run = out / f"{strategy}_seed{seed}"  # true_error: selection swapped by the caller
             run_active_learning(cfg, run)
@@ -148,6 +151,25 @@ def run_al(out: Path, seeds: int, strategies: tuple[str, ...], first_seed: int =
             curves[f"{strategy}_seed{seed}"] = {"rows": rows, "wall_s": time.perf_counter() - t0}
             print(strategy, seed, [(round(r["mae_id"], 4), round(r["mae_shift"], 4))
                                    for r in rows], flush=True)
+    return curves
+
+
+def run_al_new_only(out: Path, seeds: int) -> dict:
+    """The headroom of selection on the new frameworks: each round labels 10 frames drawn at
+    random from the *new-topology* pool frames only (the topology is read from the pool file, as
+    no model could), through the loop's selection with pool_factor 1 (no diversity filter)."""
+    pool_topology = [a.info["topology"] for a in read(out / "pool.extxyz", index=":")]
+    known = {a.info["topology"] for a in read(out / "start.extxyz", index=":")}
+    curves = {}
+    for seed in range(seeds):
+        rng = np.random.default_rng([seed, 25])
+
+        def new_first(candidates, rng=rng):  # 1 + U(0, 0.5): a new-topology frame, else U(0, 0.5)
+            return np.array([float(pool_topology[int(f.info["pool_index"])] not in known)
+                             + 0.5 * rng.random() for f in candidates])
+
+        with selecting_by_true_error(new_first):
+            curves.update(run_al(out, 1, ("new_only",), seed, ("pool_factor=1",)))
     return curves
 
 
@@ -168,10 +190,13 @@ def main() -> None:
         make_data(out)
     for phase, strategies in (("al", ("e2ip", "random")), ("al_ensemble", ("ensemble",)),
                               ("al_ensemble_random", ("ensemble_random",)),
-                              ("al_true_error", ("true_error",))):
+                              ("al_true_error", ("true_error",)),
+                              ("al_new_only", ("new_only",))):
         if phase in phases:
             t0 = time.perf_counter()
-            if phase == "al_true_error":
+            if phase == "al_new_only":
+                results[phase] = run_al_new_only(out, args.seeds)
+            elif phase == "al_true_error":
                 with selecting_by_true_error(true_errors_from_labelled_pool(out)):
                     results[phase] = run_al(out, args.seeds, strategies)
             else:

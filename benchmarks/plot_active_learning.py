@@ -61,6 +61,7 @@ LABELS = {"e2ip": "e2IP-selected", "random": "random (e2IP model)",
           "al_target_pool/e2ip": "e2IP-FD-selected (pool: 600 K xTB frames)",
           "al_target_pool/random": "random (pool: 600 K xTB frames)",
           "al_target_pool/true_error": "true-error-selected (oracle; 600 K xTB frames)",
+          "al_new_only/new_only": "new topologies only (oracle; random among them)",
           "al/e2ip": "e2IP-FD-selected", "al/random": "random",
           "al_ensemble/ensemble": "ensemble-selected (5 members)",
           "al_ensemble_random/ensemble_random": "random (ensemble model)"}
