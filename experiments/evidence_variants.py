@@ -5,6 +5,9 @@ weights of the uncertainty_shift runs, beside the default (centred, per-element 
   distance r_i = z_iᵀ (Σ_s f_s f_sᵀ / S + ς² I)⁻¹ z_i with z_i = [h_i, 1] (the backbone's
   invariant features, which its energy readout sees, plus an intercept) and f_s = Σ_{i in s} z_i
   the structure-level features an energy label constrains; pooled over elements, as in the paper;
+- **LLPR (last layer)**, added later (issue 25 names it): the same form on the energy readout's
+  last hidden layer, z_i = [readout[:-1](h_i), 1], the features the final linear layer of the
+  atomic energy sees, which is where Bigi et al. take them;
 - **GMM**: per element a Gaussian mixture of K components (EM), r = 1 + m_eff normalised to mean
   1 on the training atoms, m_eff = -2 log Σ_k π_k |C_k|^-1/2 exp(-m_k / 2) + 2 log Σ_k π_k
   |C_k|^-1/2 (>= 0; exactly the Mahalanobis distance m for K = 1);
@@ -23,7 +26,8 @@ fixed before any result was seen; no set was used to choose them.
 
 writes docs/results/evidence_variants_<dataset>.json (per seed and set: force MAE, CE, Cov@95,
 NLL, per-structure Spearman, shift AUC; the fitted scales, conformal factors and mixture sizes);
-`--table` prints its summary as markdown.
+`--table` prints its summary as markdown. `--only "LLPR (last layer)"` computes that variant
+alone and merges it into the written file (the other variants' numbers stay as they were).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from scipy import stats
 from torch import nn
 
 from e2ip.evaluation.evaluate import collect
+from e2ip.heads.feature_distance import FeatureDistance
 from e2ip.models.io import load_model
 from e2ip.stats import metrics as M
 from e2ip.stats.calibration import fit_r_bin_factors
@@ -96,6 +101,38 @@ def fit_llpr(distance, batches) -> None:
     distance.whitening[0] = whitening / math.sqrt(norm)
     distance.offset[0] = offset / norm
     distance.fitted.fill_(True)
+
+
+class LastLayerDistance(nn.Module):
+    """r (N,) of the LLPR form on the energy readout's last hidden layer: z = hidden(h) (N, H),
+    then a pooled FeatureDistance over z whose buffers :func:`fit_llpr` sets. `hidden` is a copy
+    of the backbone's readout without its final linear layer (frozen)."""
+
+    def __init__(self, hidden: nn.Module, num_hidden: int):
+        super().__init__()
+        self.hidden = hidden.requires_grad_(False)
+        self.quadratic = FeatureDistance(num_hidden, centred=True, num_groups=1)
+
+    @property
+    def fitted(self) -> torch.Tensor:
+        return self.quadratic.fitted
+
+    def forward(self, h: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = next(self.hidden.parameters()).dtype
+        return self.quadratic(self.hidden(h.to(dtype)).to(h.dtype))
+
+
+def last_layer_llpr(readout: nn.Sequential, batches) -> LastLayerDistance:
+    """A fitted :class:`LastLayerDistance` for an MLP `readout` (Linear, act, ..., Linear) from
+    the training batches of :func:`features`."""
+    hidden = copy.deepcopy(readout[:-1])
+    distance = LastLayerDistance(hidden, readout[-1].in_features)
+    dtype = next(hidden.parameters()).dtype
+    with torch.no_grad():
+        z_batches = [(hidden(h.to(dtype)).double(), species, index, n)
+                     for h, species, index, n in batches]
+    fit_llpr(distance.quadratic, z_batches)
+    return distance
 
 
 # ------------------------------------------------------------------------------------- GMM
@@ -226,19 +263,43 @@ def set_metrics(pred, forces, forces_ref, u_epi, batch, u_ref_struct) -> dict[st
     return out
 
 
-def one_seed(dataset: str, seed: int, data, sets: dict, reference: str, batch: int) -> dict:
+def one_seed(dataset: str, seed: int, data, sets: dict, reference: str, batch: int,
+             only: list[str] | None = None) -> dict:
+    """One seed's metrics per set and variant (`only`: just these variants, default: all)."""
     e2ip = load_model(run_dir(dataset, "e2ip", seed) / "model.pt")
     default = with_distance(e2ip, FD_VARIANTS["fd_per_element"], data, batch)
-    pooled = with_distance(e2ip, FD_VARIANTS["fd_centred"], data, batch)
     train_feats = features(default, data.train, batch)
-    llpr = copy.deepcopy(pooled)
-    fit_llpr(llpr.head.feature_distance, train_feats)
-    llpr.calibrate(data.validation, batch)
-    gmm = copy.deepcopy(default)
-    gmm.head.feature_distance, sizes = fit_mixture(len(default.elements), train_feats)
-    gmm.calibrate(data.validation, batch)
-    models = {"default (per element)": default, "pooled (centred)": pooled, "LLPR": llpr,
-              "GMM": gmm}
+
+    def pooled():
+        return with_distance(e2ip, FD_VARIANTS["fd_centred"], data, batch)
+
+    def llpr():
+        model = pooled()
+        fit_llpr(model.head.feature_distance, train_feats)
+        model.calibrate(data.validation, batch)
+        return model
+
+    def llpr_last_layer():
+        model = pooled()
+        model.head.feature_distance = last_layer_llpr(model.backbone.readout, train_feats)
+        model.calibrate(data.validation, batch)
+        return model
+
+    def gmm():
+        model = copy.deepcopy(default)
+        model.head.feature_distance, sizes = fit_mixture(len(default.elements), train_feats)
+        model.calibrate(data.validation, batch)
+        model.mixture_sizes = sizes
+        return model
+
+    builders = {"default (per element)": lambda: default, "pooled (centred)": pooled,
+                "LLPR": llpr, "LLPR (last layer)": llpr_last_layer, "GMM": gmm}
+    wanted = only or [*builders, "conformal by r", "NLL scale by r-bin"]
+    unknown = set(wanted) - set(builders) - {"conformal by r", "NLL scale by r-bin"}
+    if unknown:
+        raise SystemExit(f"unknown variant(s): {sorted(unknown)}")
+    models = {k: build() for k, build in builders.items() if k in wanted}
+    sizes = getattr(models.get("GMM"), "mixture_sizes", None)
     # conformal by r on top of the default, fitted on the validation set
     cv = collect(default, data.validation, batch, ["cal"])
     r_val = default.predict(data.validation, batch)["feature_distance"]
@@ -247,12 +308,15 @@ def one_seed(dataset: str, seed: int, data, sets: dict, reference: str, batch: i
     _, binned = fit_r_bin_factors(cv.forms["cal"].predictive, cv.forces_ref,
                                   torch.from_numpy(r_val), BINS)
     binned = binned.numpy()
-    rescalings = {"conformal by r": conformal, "NLL scale by r-bin": binned}
+    rescalings = {k: v for k, v in {"conformal by r": conformal,
+                                    "NLL scale by r-bin": binned}.items() if k in wanted}
+    needs_default = bool(rescalings) and "default (per element)" not in models
+    bases = {**models, **({"default (per element)": default} if needs_default else {})}
 
     out = {"calibration": {k: m.calibration() for k, m in models.items()},
            "gmm_components": sizes, "r_bin_edges": edges.tolist(),
            "r_bin_factors": {k: v.tolist() for k, v in rescalings.items()}, "sets": {}}
-    collected = {name: {label: collect(m, structs, batch, ["cal"]) for label, m in models.items()}
+    collected = {name: {label: collect(m, structs, batch, ["cal"]) for label, m in bases.items()}
                  for name, structs in sets.items()}
     r_of = {name: default.predict(structs, batch)["feature_distance"]
             for name, structs in sets.items()}
@@ -277,6 +341,20 @@ def one_seed(dataset: str, seed: int, data, sets: dict, reference: str, batch: i
             print(f"seed {seed} {name[:40]:40s} {label:22s} " + " ".join(
                 f"{k} {v:.3f}" for k, v in res[label].items()), flush=True)
     return out
+
+
+def merge(results: dict, seeds: dict) -> dict:
+    """`results` (a written file) with the variants of `seeds` ({seed: one_seed(..., only)})
+    added or replaced, per seed, set and calibration; every seed must be in both."""
+    if set(seeds) != set(results["seeds"]):
+        raise SystemExit(f"--only needs the file's seeds {sorted(results['seeds'])}, "
+                         f"got {sorted(seeds)}")
+    for seed, new in seeds.items():
+        old = results["seeds"][seed]
+        old["calibration"].update(new["calibration"])
+        for name, variants in new["sets"].items():
+            old["sets"][name].update(variants)
+    return results
 
 
 def summary(results: dict) -> dict:
@@ -317,6 +395,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--table", action="store_true",
                     help="print the markdown table of the written results, run nothing")
+    ap.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
+                    help="compute these variants alone and merge them into the written file")
     args = ap.parse_args()
     path = RESULTS / f"evidence_variants_{args.dataset}.json"
     if args.table:
@@ -326,12 +406,17 @@ def main() -> None:
     cfg, data = prepared(config(args.dataset))
     sets, reference = test_sets(args.dataset, data)
     start = time.time()
-    results = {"dataset": args.dataset, "threads": 1,
-               "constants": {"components": COMPONENTS, "bins": BINS, "ridge": RIDGE},
-               "seeds": {s: one_seed(args.dataset, s, data, sets, reference,
-                                     cfg.data.eval_batch_size) for s in args.seeds}}
+    seeds = {str(s): one_seed(args.dataset, s, data, sets, reference, cfg.data.eval_batch_size,
+                              args.only) for s in args.seeds}
+    if args.only:
+        results = merge(json.loads(path.read_text()), seeds)
+        results[f"seconds {' + '.join(args.only)}"] = time.time() - start
+    else:
+        results = {"dataset": args.dataset, "threads": 1,
+                   "constants": {"components": COMPONENTS, "bins": BINS, "ridge": RIDGE},
+                   "seeds": seeds}
+        results["seconds"] = time.time() - start
     results["summary"] = summary(results)
-    results["seconds"] = time.time() - start
     path.write_text(json.dumps(results, indent=1))
     print(f"written {path}")
 

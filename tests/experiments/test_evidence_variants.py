@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from scipy import stats
 
@@ -63,6 +64,51 @@ def test_llpr_is_the_structure_level_leverage():
     ref = np.einsum("ni,ij,nj->n", z, q, z)
     got = distance(torch.from_numpy(h_all)).numpy()
     np.testing.assert_allclose(got, ref / ref.mean(), rtol=1e-9)
+
+
+def test_last_layer_llpr_is_the_leverage_of_the_readout_hidden_layer():
+    """LLPR on the energy readout's last hidden layer: r_i = z_iᵀ Q z_i, z = [act(W1 h + b1), 1],
+    Q = (Σ_s f_s f_sᵀ / S + ridge I)⁻¹, normalised to mean 1; the hidden layer by numpy."""
+    from e2ip.nn.mlp import mlp
+
+    rng = np.random.default_rng(3)
+    batches = batches_of(rng)
+    torch.manual_seed(0)
+    readout = mlp([F, 3, 1]).double()
+    distance = ev.last_layer_llpr(readout, batches)
+    w1, b1 = readout[0].weight.detach().numpy(), readout[0].bias.detach().numpy()
+
+    def hidden(h):
+        x = h @ w1.T + b1
+        return x / (1 + np.exp(-x))  # SiLU
+
+    fs, zs = [], []
+    for h, _, index, n in batches:
+        z = np.hstack([hidden(h.numpy()), np.ones((len(h), 1))])
+        f = np.zeros((n, 4))
+        np.add.at(f, index.numpy(), z)
+        fs.append(f)
+        zs.append(z)
+    fs, z = np.vstack(fs), np.vstack(zs)
+    centred = fs[:, :3] - fs[:, :3].mean(0)
+    ridge = ev.RIDGE * np.mean(np.sum(centred**2, 1)) / 3
+    q = np.linalg.inv(fs.T @ fs / len(fs) + ridge * np.eye(4))
+    ref = np.einsum("ni,ij,nj->n", z, q, z)
+    h_all = torch.cat([b[0] for b in batches])
+    got = distance(h_all).numpy()
+    np.testing.assert_allclose(got, ref / ref.mean(), rtol=1e-9)
+    assert not any(p.requires_grad for p in distance.hidden.parameters())  # frozen copy
+    assert distance.hidden[0].weight is not readout[0].weight
+
+
+def test_merge_adds_a_variant_and_keeps_the_others():
+    written = {"seeds": {"0": {"calibration": {"a": 1}, "sets": {"id": {"a": {"x": 1.0}}}}}}
+    new = {"0": {"calibration": {"b": 2}, "sets": {"id": {"b": {"x": 2.0}}}}}
+    merged = ev.merge(written, new)
+    assert merged["seeds"]["0"]["sets"]["id"] == {"a": {"x": 1.0}, "b": {"x": 2.0}}
+    assert merged["seeds"]["0"]["calibration"] == {"a": 1, "b": 2}
+    with pytest.raises(SystemExit):
+        ev.merge(written, {"1": new["0"]})
 
 
 def test_one_component_mixture_is_the_mahalanobis_distance(monkeypatch):
