@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from al_common import learning_curve, selecting_by_true_error, strategy_overrides
+from al_common import learning_curve, selecting_by, strategy_overrides
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
@@ -110,7 +110,7 @@ def make_data(out: Path) -> None:
 
 
 def true_errors_from_labelled_pool(out: Path):
-    """errors_of(candidates) for `selecting_by_true_error`: the whole pool labelled once by
+    """errors_of(candidates) for `selecting_by`: the whole pool labelled once by
     GFN2-xTB (kept in pool_labelled.extxyz), each candidate found by its pool_index."""
     labelled = out / "pool_labelled.extxyz"
     if not labelled.exists():
@@ -157,18 +157,20 @@ def run_al(out: Path, seeds: int, strategies: tuple[str, ...], first_seed: int =
 def run_al_new_only(out: Path, seeds: int) -> dict:
     """The headroom of selection on the new frameworks: each round labels 10 frames drawn at
     random from the *new-topology* pool frames only (the topology is read from the pool file, as
-    no model could), through the loop's selection with pool_factor 1 (no diversity filter)."""
+    no model could), through the loop's selection with pool_factor 1 (no diversity filter). The
+    random order is one fixed draw per pool frame and seed, so a resumed loop picks the same."""
     pool_topology = [a.info["topology"] for a in read(out / "pool.extxyz", index=":")]
     known = {a.info["topology"] for a in read(out / "start.extxyz", index=":")}
     curves = {}
     for seed in range(seeds):
-        rng = np.random.default_rng([seed, 25])
+        # new-topology frames score 1 + U(0, 0.5), the others U(0, 0.5)
+        score = (np.array([float(t not in known) for t in pool_topology])
+                 + 0.5 * np.random.default_rng([seed, 25]).random(len(pool_topology)))
 
-        def new_first(candidates, rng=rng):  # 1 + U(0, 0.5): a new-topology frame, else U(0, 0.5)
-            return np.array([float(pool_topology[int(f.info["pool_index"])] not in known)
-                             + 0.5 * rng.random() for f in candidates])
+        def new_first(candidates, score=score):
+            return np.array([score[int(f.info["pool_index"])] for f in candidates])
 
-        with selecting_by_true_error(new_first):
+        with selecting_by(new_first):
             curves.update(run_al(out, 1, ("new_only",), seed, ("pool_factor=1",)))
     return curves
 
@@ -197,7 +199,7 @@ def main() -> None:
             if phase == "al_new_only":
                 results[phase] = run_al_new_only(out, args.seeds)
             elif phase == "al_true_error":
-                with selecting_by_true_error(true_errors_from_labelled_pool(out)):
+                with selecting_by(true_errors_from_labelled_pool(out)):
                     results[phase] = run_al(out, args.seeds, strategies)
             else:
                 results[phase] = run_al(out, args.seeds, strategies)

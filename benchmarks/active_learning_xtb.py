@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from al_common import learning_curve, selecting_by_true_error, strategy_overrides
+from al_common import learning_curve, selecting_by, strategy_overrides
 from ase import units
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
@@ -131,15 +131,15 @@ def run_al_by_true_error(out: Path, seeds: int, trajectories: int, overrides: tu
             errors.append(float(np.abs(a.get_forces() - f.arrays["e2ip_forces"]).mean()))
         return np.array(errors)
 
-    with selecting_by_true_error(errors_of):
+    with selecting_by(errors_of):
         curves = run_al(out, seeds, 600, "auto", tag, ("e2ip",), trajectories, overrides)
     return {k.replace("e2ip", "true_error"): v for k, v in curves.items()}
 
 
 def make_target_pool(out: Path) -> Path:
-    """200 frames of the shifted test's own distribution: four fresh GFN2-xTB Langevin
-    trajectories at 600 K (seeds 11-14; the 600 K test set is seed 3), 50 frames each, one every
-    20 steps after 200 fs of equilibration."""
+    """204 frames of the shifted test's own distribution: four fresh GFN2-xTB Langevin
+    trajectories at 600 K (seeds 11-14; the 600 K test set is seed 3), 51 frames each, one every
+    20 steps from step 400 (200 fs of equilibration) to 1400."""
     from e2ip.data.read import read_structures
 
     target = out / "pool_600K.extxyz"
@@ -164,7 +164,7 @@ def run_al_target_pool(out: Path, seeds: int) -> dict:
         return np.array([float(np.abs(labels[int(f.info["pool_index"])].get_forces()
                                       - f.arrays["e2ip_forces"]).mean()) for f in candidates])
 
-    with selecting_by_true_error(errors_of):
+    with selecting_by(errors_of):
         oracle = run_al(out, seeds, 600, None, "target_pool_oracle_", ("e2ip",), 16, overrides, 3)
     curves.update({k.replace("e2ip", "true_error"): v for k, v in oracle.items()})
     return curves

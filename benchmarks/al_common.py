@@ -2,7 +2,8 @@
 share: what a strategy name sets in the loop's configuration, the learning curve of a finished
 run, and the oracle ranking they compare selection rules with (a baseline, not a method, and not
 a bound on every rule): rank the candidates by the round model's *true* force error instead of its
-uncertainty, then pick the same diverse subset the real rule picks (`select_diverse`)."""
+uncertainty, then pick the same diverse subset the real rule picks (`select_diverse`); or by any
+other score only a benchmark knows (`selecting_by`)."""
 
 from __future__ import annotations
 
@@ -41,10 +42,11 @@ def learning_curve(run: Path, rounds: int, tests: dict[str, str]) -> list[dict]:
 
 
 @contextmanager
-def selecting_by_true_error(errors_of: Callable[[list[Atoms]], np.ndarray]) -> Iterator[None]:
-    """While active, the loop's uncertainty selection ranks candidates by `errors_of(candidates)`
-    (each frame's true force MAE, eV/Å, against the oracle; the frames carry the model's
-    ``e2ip_forces``). Monkeypatches the loop's private `_select`: a benchmark device only."""
+def selecting_by(score_of: Callable[[list[Atoms]], np.ndarray]) -> Iterator[None]:
+    """While active, the loop's uncertainty selection ranks candidates by `score_of(candidates)`
+    instead (the oracle ranking: each frame's true force MAE, eV/Å, against the oracle, from the
+    model's ``e2ip_forces`` the frames carry; or any other per-frame score a benchmark knows and
+    no model does). Monkeypatches the loop's private `_select`: a benchmark device only."""
     from e2ip.dynamics.active_learning import loop
     from e2ip.dynamics.active_learning.selection import distance_histogram, select_diverse
 
@@ -53,7 +55,7 @@ def selecting_by_true_error(errors_of: Callable[[list[Atoms]], np.ndarray]) -> I
         if target.exists():
             return loop._read_frames(target)
         descriptors = np.stack([distance_histogram(f) for f in candidates])
-        chosen = select_diverse(np.asarray(errors_of(candidates)), descriptors,
+        chosen = select_diverse(np.asarray(score_of(candidates)), descriptors,
                                 min(cfg.per_round, len(candidates)), cfg.pool_factor)
         selected = [candidates[int(i)] for i in chosen]
         loop._atomic_write_frames(target, selected)

@@ -56,6 +56,8 @@ ATOMS_PER_COMPONENT_FEATURE = 10  # GMM: a component needs 10 F training atoms
 BINS = 5  # conformal: quantile bins of the validation atoms' r
 RIDGE = 1e-3  # relative to the mean (centred) feature variance, as the library's distance
 LEVEL = 0.95
+VARIANTS = ["default (per element)", "pooled (centred)", "LLPR", "LLPR (last layer)", "GMM"]
+RESCALINGS = ["conformal by r", "NLL scale by r-bin"]  # factors on top of the default
 METRIC_KEYS = ["force_mae", "calibration_error", "coverage_95", "nll", "spearman_per_structure",
                "auc_reference"]
 
@@ -266,12 +268,19 @@ def set_metrics(pred, forces, forces_ref, u_epi, batch, u_ref_struct) -> dict[st
 def one_seed(dataset: str, seed: int, data, sets: dict, reference: str, batch: int,
              only: list[str] | None = None) -> dict:
     """One seed's metrics per set and variant (`only`: just these variants, default: all)."""
+    wanted = only or [*VARIANTS, *RESCALINGS]
+    unknown = set(wanted) - set(VARIANTS) - set(RESCALINGS)
+    if unknown:
+        raise SystemExit(f"unknown variant(s): {sorted(unknown)}; known: {VARIANTS + RESCALINGS}")
     e2ip = load_model(run_dir(dataset, "e2ip", seed) / "model.pt")
     default = with_distance(e2ip, FD_VARIANTS["fd_per_element"], data, batch)
     train_feats = features(default, data.train, batch)
+    pooled_fit = []  # the pooled distance is fitted and calibrated once; each variant a copy
 
     def pooled():
-        return with_distance(e2ip, FD_VARIANTS["fd_centred"], data, batch)
+        if not pooled_fit:
+            pooled_fit.append(with_distance(e2ip, FD_VARIANTS["fd_centred"], data, batch))
+        return copy.deepcopy(pooled_fit[0])
 
     def llpr():
         model = pooled()
@@ -292,12 +301,7 @@ def one_seed(dataset: str, seed: int, data, sets: dict, reference: str, batch: i
         model.mixture_sizes = sizes
         return model
 
-    builders = {"default (per element)": lambda: default, "pooled (centred)": pooled,
-                "LLPR": llpr, "LLPR (last layer)": llpr_last_layer, "GMM": gmm}
-    wanted = only or [*builders, "conformal by r", "NLL scale by r-bin"]
-    unknown = set(wanted) - set(builders) - {"conformal by r", "NLL scale by r-bin"}
-    if unknown:
-        raise SystemExit(f"unknown variant(s): {sorted(unknown)}")
+    builders = dict(zip(VARIANTS, [lambda: default, pooled, llpr, llpr_last_layer, gmm]))
     models = {k: build() for k, build in builders.items() if k in wanted}
     sizes = getattr(models.get("GMM"), "mixture_sizes", None)
     # conformal by r on top of the default, fitted on the validation set
