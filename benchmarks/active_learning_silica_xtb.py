@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from al_common import learning_curve, selecting_by, strategy_overrides
+from al_common import learning_curve, selecting_by, strategy_overrides, true_errors_by_pool_index
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
@@ -119,10 +119,7 @@ def true_errors_from_labelled_pool(out: Path):
         if len(frames) != len(pool):
             raise RuntimeError("a pool frame failed to label; the oracle ranking needs all of them")
         write(labelled, frames)
-    reference = [a.get_forces() for a in read(labelled, index=":")]
-    return lambda candidates: np.array([
-        np.abs(reference[int(f.info["pool_index"])] - f.arrays["e2ip_forces"]).mean()
-        for f in candidates])
+    return true_errors_by_pool_index(labelled)
 
 
 def run_al(out: Path, seeds: int, strategies: tuple[str, ...], first_seed: int = 0,

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from al_common import learning_curve, selecting_by, strategy_overrides
+from al_common import learning_curve, selecting_by, strategy_overrides, true_errors_by_pool_index
 from ase import units
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
@@ -159,12 +159,8 @@ def run_al_target_pool(out: Path, seeds: int) -> dict:
     overrides = (f"pool={pool}",)
     curves = run_al(out, seeds, 600, None, "target_pool_", ("e2ip", "random"), 16, overrides, 3)
 
-    def errors_of(candidates):  # the pool's own GFN2-xTB labels (the loop ignores them)
-        labels = read(pool, index=":")
-        return np.array([float(np.abs(labels[int(f.info["pool_index"])].get_forces()
-                                      - f.arrays["e2ip_forces"]).mean()) for f in candidates])
-
-    with selecting_by(errors_of):
+    # the oracle ranking from the pool's own GFN2-xTB labels (which the loop ignores)
+    with selecting_by(true_errors_by_pool_index(pool)):
         oracle = run_al(out, seeds, 600, None, "target_pool_oracle_", ("e2ip",), 16, overrides, 3)
     curves.update({k.replace("e2ip", "true_error"): v for k, v in oracle.items()})
     return curves

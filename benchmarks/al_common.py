@@ -41,6 +41,18 @@ def learning_curve(run: Path, rounds: int, tests: dict[str, str]) -> list[dict]:
     return rows
 
 
+def true_errors_by_pool_index(labelled: Path) -> Callable[[list[Atoms]], np.ndarray]:
+    """`score_of` for :func:`selecting_by`: each pool-mode candidate's true force MAE (eV/Å),
+    its model forces (``e2ip_forces``) against the labels of the frame of the same
+    ``pool_index`` in `labelled` (the whole pool, labelled by the oracle; read once)."""
+    from ase.io import read
+
+    reference = [a.get_forces() for a in read(labelled, index=":")]
+    return lambda candidates: np.array([
+        np.abs(reference[int(f.info["pool_index"])] - f.arrays["e2ip_forces"]).mean()
+        for f in candidates])
+
+
 @contextmanager
 def selecting_by(score_of: Callable[[list[Atoms]], np.ndarray]) -> Iterator[None]:
     """While active, the loop's uncertainty selection ranks candidates by `score_of(candidates)`
