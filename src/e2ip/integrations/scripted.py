@@ -27,8 +27,10 @@ class ScriptedPotential(nn.Module):
         self.has_uncertainty = bool(model.has_uncertainty)
         # the form's calibration, as PotentialModel.covariances applies it
         self.epistemic_factor, self.variance_factor = model.form_factors(form)
-        # and its per-bin factors of the feature distance (none: no edges, one factor of 1)
+        # and its per-bin factors of the feature distance, as PotentialModel._form_params (a
+        # constant of the export; without bins the buffers are placeholders, never read)
         binned = bool(model.head.r_bins) and model.resolve_form(form) == "cal"
+        self.binned = binned
         self.register_buffer("r_bin_edges", model.head.r_bin_edges.detach().clone() if binned
                              else torch.zeros(0, dtype=torch.float64))
         self.register_buffer("r_bin_factors", model.head.r_bin_factors.detach().clone()
@@ -48,7 +50,7 @@ class ScriptedPotential(nn.Module):
             if self.epistemic_factor != 1.0:
                 params = self.head.scale_epistemic(params, self.epistemic_factor)
             factor = torch.full_like(atomic, self.variance_factor)
-            if "feature_distance" in params:
+            if self.binned:
                 factor = factor * binned_factor(params["feature_distance"], self.r_bin_edges,
                                                 self.r_bin_factors)
             for key, value in self.head.covariances(params, None).items():
